@@ -1,0 +1,5 @@
+import sys
+
+from nablagfn.cli import main
+
+sys.exit(main())
