@@ -120,28 +120,46 @@ class FlowNetConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     layers_per_block: int = 1
     prompt_conditioned: bool = False  # zero text conditioning for prompt-independent rewards
+    norm_num_groups: int = 32  # GroupNorm groups; every block width must be a multiple
+    attention_heads: int = 8  # heads per cross-attention layer; must divide every block width
 
     def validate(self) -> None:
         require(len(self.block_out_channels) >= 1, "block_out_channels", "must not be empty")
+        require(self.layers_per_block >= 1, "layers_per_block", "must be >= 1")
+        require(self.norm_num_groups >= 1, "norm_num_groups", "must be >= 1")
+        require(self.attention_heads >= 1, "attention_heads", "must be >= 1")
+        for c in self.block_out_channels:
+            require(c >= 1 and c % self.norm_num_groups == 0 and c % self.attention_heads == 0,
+                    "block_out_channels", f"width {c} must be a positive multiple of "
+                    f"norm_num_groups={self.norm_num_groups} and "
+                    f"attention_heads={self.attention_heads}")
 
 
 @dataclass
 class RewardConfig:
-    name: str = "aesthetic"  # a registered name or a dotted path module:callable
-    weights_path: str | None = None  # local weights for model-based rewards
-    kwargs: dict = field(default_factory=dict)
+    """Which reward (rewards_service/rewards), where its local weights are, how it is batched."""
+
+    name: str = "aesthetic"  # a registered name, an entry point, or a dotted path module:callable
+    weights_path: str | None = None  # local head / checkpoint file for model-based rewards
+    model_path: str | None = None  # local backbone dir (a CLIP `save_pretrained` dir)
+    kwargs: dict = field(default_factory=dict)  # extra constructor options of the reward
+    chunk_size: int = 4  # images decoded and scored per autograd pass (memory bound)
 
     def validate(self) -> None:
         require(bool(self.name), "name", "must name a reward")
+        require(self.chunk_size >= 1, "chunk_size", f"must be >= 1, got {self.chunk_size}")
 
 
 @dataclass
 class PromptConfig:
+    """Where prompts come from (common/prompts.py) and the seed of their sampling."""
+
     source: str = "animals"  # built-in list name, or a path to a text file (one prompt a line)
     seed: int = 0
 
     def validate(self) -> None:
         require(bool(self.source), "source", "must name a prompt source")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass

@@ -35,7 +35,8 @@ def _bench_gmm(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nablagfn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nablagfn", description=__doc__,
+                                     epilog="Config overrides: append dotted key=value pairs, e.g. objective.gamma=squared")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="benchmarks (print JSON)")
@@ -48,13 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--updates", type=int)
     gmm.add_argument("--config", help="YAML file with GMMBenchConfig fields")
     gmm.add_argument("--no-progress", action="store_true")
-    gmm.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. objective.gamma=squared")
     gmm.set_defaults(func=_bench_gmm)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Anything left of the form dotted.key=value is a config override, wherever it stands.
+    bad = [r for r in rest if r.startswith("-") or "=" not in r]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = rest
     return int(args.func(args) or 0)
 
 
