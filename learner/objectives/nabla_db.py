@@ -39,6 +39,7 @@ class TransitionBatch:
     step_idx: state index of x (x_next is state step_idx + 1); is_last: x_next is terminal.
     guess / guess_next: the flow guess at x / x_next (detached). terminal_flow: β∇log R(x_N) of
     the row's trajectory (used where is_last). stein_target: precomputed targets for stein_lambda.
+    fwd_*: where the forward loss evaluates the flow instead of x_next (None = at x_next).
     """
 
     x: torch.Tensor
@@ -52,6 +53,10 @@ class TransitionBatch:
     guess_next: torch.Tensor
     terminal_flow: torch.Tensor
     stein_target: Optional[torch.Tensor] = None
+    # forward_point="pretrained_mean": the point μ#(x) and the guess / terminal flow there
+    fwd_point: Optional[torch.Tensor] = None
+    fwd_guess: Optional[torch.Tensor] = None
+    fwd_terminal_flow: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -77,11 +82,14 @@ def _msq(r: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     return (per_row * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def next_flow(batch: TransitionBatch, raw_next: torch.Tensor, flow_output: str) -> torch.Tensor:
-    """∇log F̃(x_next): the exact terminal flow on last transitions, guess + g_φ elsewhere."""
-    learned = flow_value(raw_next, batch.guess_next, batch.alpha_bar_next, flow_output)
+def next_flow(batch: TransitionBatch, raw_next: torch.Tensor, flow_output: str,
+              guess=None, terminal=None) -> torch.Tensor:
+    """∇log F̃ at the next noise level: the exact terminal flow on last transitions, guess + g_φ elsewhere."""
+    guess = batch.guess_next if guess is None else guess
+    terminal = batch.terminal_flow if terminal is None else terminal
+    learned = flow_value(raw_next, guess, batch.alpha_bar_next, flow_output)
     last = _rows(batch.is_last, learned)
-    return last * batch.terminal_flow + (1 - last) * learned
+    return last * terminal + (1 - last) * learned
 
 
 def nabla_db_loss(batch: TransitionBatch, nets: Nets, cfg: NablaDBConfig, sampler: str = "ddim",
@@ -99,14 +107,17 @@ def nabla_db_loss(batch: TransitionBatch, nets: Nets, cfg: NablaDBConfig, sample
     var = pre.std**2
 
     # Flow at x_next (forward target): the Polyak copy, detached, unless the forward loss trains g_φ.
+    at_mean = batch.fwd_point is not None
+    point = batch.fwd_point if at_mean else x_next
     if cfg.no_flow:
         raw_next = torch.zeros_like(x_next)
     elif cfg.forward_trains_flow:
-        raw_next = nets.flow(x_next, idx + 1)
+        raw_next = nets.flow(point, idx + 1)
     else:
         with torch.no_grad():
-            raw_next = nets.target_flow(x_next, idx + 1)
-    flow_next = next_flow(batch, raw_next, cfg.flow_output)
+            raw_next = nets.target_flow(point, idx + 1)
+    flow_next = (next_flow(batch, raw_next, cfg.flow_output, batch.fwd_guess, batch.fwd_terminal_flow)
+                 if at_mean else next_flow(batch, raw_next, cfg.flow_output))
 
     # forward: ∇_{x'} log P_θ − η ∇_{x'} log P# − ∇log F̃(x') = ((η−1)x' + μ_θ − η μ#)/σ² − F(x')
     r_fwd = ((eta_p - 1) * x_next + pol.mean - eta_p * pre.mean) / var - flow_next

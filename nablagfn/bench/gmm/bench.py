@@ -55,10 +55,11 @@ def run_gmm_bench(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path, progr
         raise ValueError(f"method {cfg.method!r} is not one of {list(METHODS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(cfg.threads)
     problem = GMMProblem(spec, cfg.sampler)
     trainer = Trainer(problem, cfg)
     curve: list[dict] = []
+    (out / "curve.jsonl").unlink(missing_ok=True)
     last_terms: dict = {}
 
     def evaluate(u: int) -> None:
@@ -66,7 +67,10 @@ def run_gmm_bench(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path, progr
         s, _ = problem.sample(trainer.policy_eps, cfg.eval_samples, gen)
         m = measure(problem, s[:, -1])
         curve.append({"update": u, "tv": m["tv"], "mean_log_reward": m["mean_log_reward"],
-                      "flow_error": trainer.flow_error(), "loss": dict(last_terms)})
+                      "flow_error": trainer.flow_error(), "loss": dict(last_terms),
+                      "seconds": time.perf_counter() - t0})
+        with open(out / "curve.jsonl", "a") as fh:  # readable while the run goes on
+            fh.write(json.dumps(curve[-1]) + "\n")
 
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.updates), desc=f"{spec.name} {cfg.method}", disable=not progress, mininterval=1.0)

@@ -42,6 +42,9 @@ class GMMBenchConfig:
     layers: int = 3
     emb_dim: int = 64
     eval_every: int = 500
+    threads: int = 1  # torch intra-op threads: tiny MLPs run fastest on one
+    oracle_flow: bool = False  # diagnostic: the exact ∇log F̃ as the guess (use with objective.no_flow)
+    oracle_policy: bool = False  # diagnostic: the policy fixed at the exact-flow sampler; only g_φ learns
     eval_samples: int = 4096
     final_samples: int = 8192
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(guidance_scale=0.0))
@@ -54,6 +57,7 @@ class GMMBenchConfig:
         require(self.batch_trajectories >= 1, "batch_trajectories", "must be >= 1")
         require(self.final_samples >= 4096, "final_samples", "must be >= 4096")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.threads >= 1, "threads", "must be >= 1")
 
 
 class GMMProblem:
@@ -131,7 +135,18 @@ class Trainer:
 
     # -- networks as (x, state_idx) callables -------------------------------------------------
     def policy_eps(self, x, idx):
+        if self.cfg.oracle_policy:
+            return self.oracle_policy_eps(x, idx)
         return self.p.pretrained_eps(x, idx) + self.residual(x, self.p.state_t[idx])
+
+    def oracle_policy_eps(self, x, idx):
+        """ε of the exact-flow sampler: μ = μ# + σ² ∇log F̃_{t'}(μ#), i.e. ε# + σ²/b · ∇log F̃."""
+        p = self.p
+        eps = p.pretrained_eps(x, idx)
+        with torch.no_grad():
+            st = p.step_fn(x, eps, p.alpha_bar[idx], p.alpha_bar[idx + 1], p.sampler.eta)
+            g = exact.grad_log_flow(p.spec, st.mean.double(), p.schedule.alpha_bar[idx + 1]).to(x.dtype)
+        return eps + (st.std**2 / st.eps_coef * g).detach() + 0 * self.residual(x, p.state_t[idx])
 
     def nets(self) -> Nets:
         t = self.p.state_t
@@ -141,6 +156,8 @@ class Trainer:
     def guess(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """β γ_t ∇_x log R(x̂₀(x)) with x̂₀ from the configured model (detached)."""
         ob = self.cfg.objective
+        if self.cfg.oracle_flow:
+            return exact.grad_log_flow(self.p.spec, x.double(), self.p.schedule.alpha_bar[idx]).to(x.dtype)
         if ob.guess_x0_source == "none":
             return torch.zeros_like(x)
         a = self.p.alpha_bar[idx]
@@ -178,10 +195,17 @@ class Trainer:
             T = stein_lambda_targets(states, p.alpha_bar, p.pretrained_eps, flow_bar_fn, terminal,
                                      ob.stein_lambda, p.sampler.kind, p.sampler.eta, first_step=first)
             stein_target = T[rows, idx - first]
+        fwd = {}
+        if ob.forward_point == "pretrained_mean":
+            with torch.no_grad():
+                a_t, a_n = p.alpha_bar[idx], p.alpha_bar[idx + 1]
+                mu = p.step_fn(x, p.pretrained_eps(x, idx), a_t, a_n, p.sampler.eta).mean
+            fwd = {"fwd_point": mu, "fwd_guess": self.guess(mu, idx + 1),
+                   "fwd_terminal_flow": ob.reward_scale * exact.grad_log_reward(p.spec, mu.double()).to(mu.dtype)}
         batch = TransitionBatch(
             x=x, x_next=x_next, step_idx=idx, alpha_bar_t=p.alpha_bar[idx], alpha_bar_next=p.alpha_bar[idx + 1],
             is_last=idx == N - 1, eps_behaviour=eps_beh[rows, idx], guess=self.guess(x, idx),
-            guess_next=self.guess(x_next, idx + 1), terminal_flow=terminal[rows], stein_target=stein_target)
+            guess_next=self.guess(x_next, idx + 1), terminal_flow=terminal[rows], stein_target=stein_target, **fwd)
         terms = nabla_db_loss(batch, self.nets(), ob, p.sampler.kind, p.sampler.eta)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()

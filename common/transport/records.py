@@ -1,0 +1,230 @@
+"""The record schema that crosses the wire: what a sampled and a scored trajectory hold.
+
+A record is `meta` (str/int/float/bool/list values) plus `tensors` (name -> numpy array or torch
+tensor), sent as the msgpack map {"schema": SCHEMA_VERSION, "kind", "meta", "tensors"} through
+`codec`. Validation runs on both ends (producers catch their bugs before sending, consumers
+trust nothing) and names the failing field, e.g. "tensors.x_t: shape (3, 4, 8, 8), expected
+(2, 4, 8, 8)", so the dead-letter stream says what was wrong.
+
+Shapes, with N = meta.num_steps, K = kept transitions, S = the latent shape (= final.shape):
+  timesteps (N,) int64 — the sampler's schedule;  step_idx (K,) int64 in [0, N)
+  x_t, x_next, eps_behaviour (K, *S);  optional eps_pretrained, x0_pred (K, *S)
+  optional states (N+1, *S) — the full latent path, for targets that need it
+  final (*S);  optional cond_emb (L, D) — the prompt's text embedding
+Latents are float16/bfloat16/float32. A scored record adds meta log_reward (finite float) and
+reward_name, tensors grad_final (*S) = ∇ log R(final), optional log_reward_x0 (K,) and
+grad_x0 (K, *S) = ∇_{x̂₀} log R at the kept x̂₀, all float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .codec import DEFAULT_MAX_BYTES, FLOAT_DTYPES, decode, dtype_name, encode, is_tensor
+from .errors import RecordError
+
+SCHEMA_VERSION = 1
+LATENT_DTYPES = frozenset({"float16", "bfloat16", "float32"})
+_INT64 = frozenset({"int64"})
+_F32 = frozenset({"float32"})
+_MAX_META_DEPTH = 4
+
+Tensor = np.ndarray | torch.Tensor
+
+# name -> (required, allowed dtypes, shape rule); rules: "N", "K", "N+1,S", "K,S", "S", "L,D"
+TRAJECTORY_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
+    "timesteps": (True, _INT64, "N"),
+    "step_idx": (True, _INT64, "K"),
+    "x_t": (True, LATENT_DTYPES, "K,S"),
+    "x_next": (True, LATENT_DTYPES, "K,S"),
+    "eps_behaviour": (True, LATENT_DTYPES, "K,S"),
+    "eps_pretrained": (False, LATENT_DTYPES, "K,S"),
+    "x0_pred": (False, LATENT_DTYPES, "K,S"),
+    "states": (False, LATENT_DTYPES, "N+1,S"),
+    "final": (True, LATENT_DTYPES, "S"),
+    "cond_emb": (False, LATENT_DTYPES, "L,D"),
+}
+SCORED_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
+    **TRAJECTORY_TENSORS,
+    "grad_final": (True, _F32, "S"),
+    "log_reward_x0": (False, _F32, "K"),
+    "grad_x0": (False, _F32, "K,S"),
+}
+# name -> (python types, description); bool is excluded from int explicitly below
+TRAJECTORY_META: dict[str, tuple[tuple[type, ...], str]] = {
+    "run_id": ((str,), "str"), "traj_id": ((str,), "str"), "policy_version": ((int,), "int"),
+    "prompt_id": ((int,), "int"), "prompt": ((str,), "str"), "sampler": ((str,), "str"),
+    "num_steps": ((int,), "int"),
+}
+SCORED_META = {**TRAJECTORY_META, "reward_name": ((str,), "str"),
+               "log_reward": ((float, int), "float")}
+
+
+def _check_meta_value(value: Any, where: str, depth: int = 0) -> None:
+    if isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise RecordError(f"{where}: non-finite float {value}")
+        return
+    if isinstance(value, list) and depth < _MAX_META_DEPTH:
+        for i, v in enumerate(value):
+            _check_meta_value(v, f"{where}[{i}]", depth + 1)
+        return
+    raise RecordError(f"{where}: value of type {type(value).__name__} is not "
+                      "str/int/float/bool/list")
+
+
+def _check_meta(meta: Any, spec: dict[str, tuple[tuple[type, ...], str]]) -> None:
+    if not isinstance(meta, dict):
+        raise RecordError(f"meta: expected a map, got {type(meta).__name__}")
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            raise RecordError(f"meta: key {key!r} is not a string")
+        _check_meta_value(value, f"meta.{key}")
+    for key, (types, desc) in spec.items():
+        if key not in meta:
+            raise RecordError(f"meta.{key}: missing")
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise RecordError(f"meta.{key}: expected {desc}, got {type(value).__name__}")
+    for key in ("run_id", "traj_id", "sampler"):
+        if not meta[key]:
+            raise RecordError(f"meta.{key}: must not be empty")
+    if meta["num_steps"] < 1:
+        raise RecordError(f"meta.num_steps: must be >= 1, got {meta['num_steps']}")
+    if meta["policy_version"] < 0:
+        raise RecordError(f"meta.policy_version: must be >= 0, got {meta['policy_version']}")
+
+
+def _non_finite(t: Tensor) -> int:
+    if isinstance(t, torch.Tensor):
+        return int((~torch.isfinite(t)).sum())
+    return int(np.count_nonzero(~np.isfinite(t)))
+
+
+def _check_tensors(tensors: Any, spec: dict[str, tuple[bool, frozenset[str], str]],
+                   num_steps: int) -> None:
+    if not isinstance(tensors, dict):
+        raise RecordError(f"tensors: expected a map, got {type(tensors).__name__}")
+    for name, (required, _, _) in spec.items():
+        if required and name not in tensors:
+            raise RecordError(f"tensors.{name}: missing")
+    for name, t in tensors.items():
+        if name not in spec:
+            raise RecordError(f"tensors.{name!s}: unknown tensor (schema {SCHEMA_VERSION})")
+        if not is_tensor(t):
+            raise RecordError(f"tensors.{name}: expected a tensor, got {type(t).__name__}")
+        allowed = spec[name][1]
+        if dtype_name(t) not in allowed:
+            raise RecordError(f"tensors.{name}: dtype {dtype_name(t)}, expected one of "
+                              f"{sorted(allowed)}")
+    S = tuple(tensors["final"].shape)
+    if len(S) < 1:
+        raise RecordError("tensors.final: must have rank >= 1 (the latent shape)")
+    if len(tensors["step_idx"].shape) != 1 or tensors["step_idx"].shape[0] < 1:
+        raise RecordError(f"tensors.step_idx: shape {tuple(tensors['step_idx'].shape)}, "
+                          "expected (K,) with K >= 1")
+    K = int(tensors["step_idx"].shape[0])
+    for name, t in tensors.items():
+        rule, shape = spec[name][2], tuple(t.shape)
+        if rule == "L,D":
+            if len(shape) != 2:
+                raise RecordError(f"tensors.{name}: shape {shape}, expected rank 2 (L, D)")
+            continue
+        expected = {"N": (num_steps,), "K": (K,), "S": S, "K,S": (K, *S),
+                    "N+1,S": (num_steps + 1, *S)}[rule]
+        if shape != expected:
+            raise RecordError(f"tensors.{name}: shape {shape}, expected {expected}")
+    for name, t in tensors.items():
+        if dtype_name(t) in FLOAT_DTYPES and (bad := _non_finite(t)):
+            raise RecordError(f"tensors.{name}: {bad} non-finite values (NaN/Inf)")
+    idx = tensors["step_idx"]
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= num_steps:
+        raise RecordError(f"tensors.step_idx: values in [{lo}, {hi}], expected [0, {num_steps})")
+
+
+@dataclass
+class TrajectoryRecord:
+    """One sampled trajectory's kept transitions (see the module docstring for the fields)."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    KIND: ClassVar[str] = "trajectory"
+    META: ClassVar[dict] = TRAJECTORY_META
+    TENSORS: ClassVar[dict] = TRAJECTORY_TENSORS
+
+    @property
+    def traj_id(self) -> str:
+        return self.meta["traj_id"]
+
+    @property
+    def policy_version(self) -> int:
+        return self.meta["policy_version"]
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.tensors["step_idx"].shape[0])
+
+    def validate(self) -> None:
+        """Raise RecordError naming the first bad field; return None when the record is valid."""
+        _check_meta(self.meta, self.META)
+        _check_tensors(self.tensors, self.TENSORS, self.meta["num_steps"])
+
+    def to_msg(self, max_bytes: int | None = None, validate: bool = True) -> bytes:
+        """msgpack bytes; validated first, so a producer never sends what consumers reject."""
+        if validate:
+            self.validate()
+        return encode({"schema": SCHEMA_VERSION, "kind": self.KIND, "meta": self.meta,
+                       "tensors": self.tensors}, max_bytes)
+
+    @classmethod
+    def from_msg(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, *,
+                 as_torch: bool = True):
+        """Decode and validate; raises RecordError (only) for anything wrong."""
+        obj = decode(data, max_bytes, as_torch=as_torch)
+        if not isinstance(obj, dict):
+            raise RecordError(f"record: expected a map, got {type(obj).__name__}")
+        extra = set(obj) - {"schema", "kind", "meta", "tensors"}
+        if extra:
+            raise RecordError(f"record: unknown top-level keys {sorted(map(str, extra))}")
+        version = obj.get("schema")
+        if version != SCHEMA_VERSION or isinstance(version, bool):
+            raise RecordError(f"schema: version {version!r}, expected {SCHEMA_VERSION}")
+        if obj.get("kind") != cls.KIND:
+            raise RecordError(f"kind: {obj.get('kind')!r}, expected {cls.KIND!r}")
+        record = cls(meta=obj.get("meta"), tensors=obj.get("tensors"))
+        record.validate()
+        return record
+
+
+@dataclass
+class ScoredRecord(TrajectoryRecord):
+    """A trajectory plus its reward: meta log_reward/reward_name, tensors grad_final etc."""
+
+    KIND: ClassVar[str] = "scored"
+    META: ClassVar[dict] = SCORED_META
+    TENSORS: ClassVar[dict] = SCORED_TENSORS
+
+    @property
+    def log_reward(self) -> float:
+        return float(self.meta["log_reward"])
+
+    @classmethod
+    def from_trajectory(cls, traj: TrajectoryRecord, *, log_reward: float, grad_final: Tensor,
+                        reward_name: str, log_reward_x0: Tensor | None = None,
+                        grad_x0: Tensor | None = None) -> "ScoredRecord":
+        """The reward worker's output: the trajectory's fields (shared, not copied) + reward."""
+        meta = {**traj.meta, "log_reward": float(log_reward), "reward_name": reward_name}
+        tensors = {**traj.tensors, "grad_final": grad_final}
+        if log_reward_x0 is not None:
+            tensors["log_reward_x0"] = log_reward_x0
+        if grad_x0 is not None:
+            tensors["grad_x0"] = grad_x0
+        return cls(meta=meta, tensors=tensors)
