@@ -16,10 +16,14 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from .sd15_architecture import build_sd15_random
 from .tiny import TINY_BUILDERS, build_tiny_pipeline
 
-PRESETS = {"tiny": 0}
+PRESETS = {"tiny": 0, "sd15-random": 0}
 """Preset name → the seed its random weights are built from."""
+
+FULL_SIZE_PRESETS = {("sd15-random", "sd"): build_sd15_random}
+"""(preset, family) → builder of a full-size architecture with random weights (GPU benchmarks)."""
 
 PIPELINE_CLASSES: dict[str, str | None] = {
     "sd": "StableDiffusionPipeline",
@@ -69,7 +73,11 @@ def build_preset(name: str, family: str, cache_dir: str | Path | None) -> Path:
     if cache_dir is None:
         raise ModelLoadError(f"model.pretrained={name!r} is a preset built on the fly: pass a "
                              "cache_dir (e.g. the run dir) to build it into")
-    if family not in TINY_BUILDERS:
+    full_size = FULL_SIZE_PRESETS.get((name, family))
+    if full_size is None and name in {n for n, _ in FULL_SIZE_PRESETS}:
+        raise ModelLoadError(f"preset {name!r} has no {family!r} variant; available families: "
+                             f"{sorted(f for n, f in FULL_SIZE_PRESETS if n == name)}")
+    if full_size is None and family not in TINY_BUILDERS:
         raise ModelLoadError(f"preset {name!r} has no {family!r} variant; available families: "
                              f"{sorted(TINY_BUILDERS)}")
     target = Path(cache_dir) / f"{name}-{family}"
@@ -77,7 +85,13 @@ def build_preset(name: str, family: str, cache_dir: str | Path | None) -> Path:
         return target
     tmp = Path(cache_dir) / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_pipeline(family, tmp, seed=PRESETS[name])
+    if full_size is None:
+        build_tiny_pipeline(family, tmp, seed=PRESETS[name])
+    else:
+        tmp.mkdir(parents=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PRESETS[name])
+            full_size(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process finished first; its copy is identical (same seed)

@@ -197,3 +197,32 @@ def test_gamma_options():
     assert torch.equal(gamma_t(a, "one"), torch.ones(2, dtype=D))
     with pytest.raises(ValueError):
         gamma_t(a, "cubed")
+
+
+def test_forward_point_pretrained_mean_reads_the_flow_at_mu_pretrained():
+    """forward_point=pretrained_mean asks μ_θ − μ# = σ² ∇log F̃(μ#), not σ² ∇log F̃(x').
+
+    With a flow that varies in x (∇log F̃_i(z) = G_i + c·z below the terminal state), the policy
+    built from the flow at μ# zeroes the forward term at fwd_point = μ# but not at x' = x_next.
+    """
+    cfg = NablaDBConfig(reward_scale=BETA, backward_estimator="stein")
+    c = 0.4
+
+    def flow_at(z, i):
+        return G[i] + c * z * (i < N_STEPS).to(D)[:, None]
+
+    def policy_eps(x, idx):
+        st = step(x, eps_pre(x, idx), idx)
+        return eps_pre(x, idx) + st.std**2 * flow_at(st.mean, idx + 1) / st.eps_coef
+
+    def flow(z, idx):
+        return (flow_at(z, idx) - GUESS) / flow_output_scale(ab[idx], z, cfg.flow_output)
+
+    nets = Nets(policy_eps=policy_eps, pretrained_eps=eps_pre, flow=flow, target_flow=flow)
+    _, batch = make_batch(nets)
+    mu = step(batch.x, eps_pre(batch.x, batch.step_idx), batch.step_idx).mean
+    at_mean = dataclasses.replace(batch, fwd_point=mu, fwd_guess=GUESS.expand_as(mu),
+                                  fwd_terminal_flow=(BETA * k).expand_as(mu))
+    # float64 round-off at the exact policy (1e-18 on squares); c·|x' − μ#| ~ 0.1 off it
+    assert nabla_db_loss(at_mean, nets, cfg)["forward"].item() < 1e-18
+    assert nabla_db_loss(batch, nets, cfg)["forward"].item() > 1e-4
