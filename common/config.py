@@ -92,8 +92,8 @@ class OptimConfig:
 class ModelConfig:
     """Which pretrained pipeline to load (local dir or hub id) and how."""
 
-    pretrained: str = "tiny"  # a local dir, a hub id, or a built-in preset name ("tiny")
-    family: Literal["sd", "sdxl", "sd3"] = "sd"
+    pretrained: str = "tiny"  # a local dir, a hub id, a built-in preset ("tiny"), or a bundled model ("digits")
+    family: Literal["sd", "sdxl", "sd3", "pixel"] = "sd"  # pixel: unconditional UNet2DModel (DDPMPipeline)
     revision: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights; LoRA stays fp32
     resolution: int = 0  # 0 = the pipeline's native size
@@ -210,6 +210,21 @@ class MetricsConfig:
 
 
 @dataclass
+class ReportConfig:
+    """An evaluation run after training and written to the run dir ("digits": learner/digits_report.py)."""
+
+    kind: Literal["none", "digits"] = "none"
+    samples: int = 512  # fine-tuned samples (and as many pretrained ones for the grids)
+    reference_pool: int = 2048  # pretrained samples; each kept with probability R^β = the exact target
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.samples >= 2, "samples", "must be >= 2")
+        require(self.reference_pool >= 2, "reference_pool", "must be >= 2")
+        require(self.seed >= 0, "seed", "must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     """`nablagfn train`: one fine-tuning run — every section plus the run's own fields.
 
@@ -227,6 +242,7 @@ class TrainConfig:
     subsample: SubsampleConfig = field(default_factory=SubsampleConfig)
     objective: NablaDBConfig = field(default_factory=NablaDBConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     updates: int = 200  # sampling rounds; each trains on its own fresh trajectories
     batch_trajectories: int = 64  # trajectories sampled per update (the authors' "epoch")

@@ -4,7 +4,8 @@ Built-ins: `animals` — the 45 common animals of DDPO's `simple_animals.txt` (k
 the prompt set of the Nabla-GFlowNet Aesthetic experiments (bare names, e.g. "cat");
 `photo`, `painting`, `photo_painting` — small HPSv2-*style* lists written for this project (photo
 and painting styles). They are NOT the HPSv2 / HPDv2 benchmark prompts; for those, export the
-benchmark's prompts to a text file and give its path as the source.
+benchmark's prompts to a text file and give its path as the source. `none` is the single empty
+prompt, for unconditional models.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ BUILTIN_SOURCES: dict[str, tuple[str, ...]] = {
     "photo": PHOTO,
     "painting": PAINTING,
     "photo_painting": PHOTO + PAINTING,
+    "none": ("",),  # unconditional models (the pixel family): one empty prompt
 }
 
 

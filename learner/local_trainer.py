@@ -179,7 +179,7 @@ class LocalTrainer:
         self.vae = reward_vae(self.pipe)
         self.prompts = build_prompt_source(cfg.prompts)
         self.schedule = make_schedule(dict(self.pipe.scheduler.config), cfg.sampler.num_steps, cfg.sampler.kind)
-        vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        vae_scale = getattr(self.pipe, "vae_scale_factor", None) or 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         self.latent_shape = latent_shape_of(self.denoiser, cfg.model.resolution, vae_scale)
         self.uncond = self.denoiser.encode_prompts([""])
         self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.uncond,

@@ -4,6 +4,8 @@ The samplers and objectives work in ε units and float32 (ALGORITHM.md §1); thi
 UNet's prediction_type (ε or v, converted through common/prediction.py with the scheduler's ᾱ_t),
 its weight dtype, and CFG, which is one UNet call on the concatenated [uncond, cond] batch. No
 no_grad inside `eps`: callers take VJPs through it (backward scores, Stein targets, DRaFT).
+An unconditional UNet (no cross-attention: the pixel family's UNet2DModel) ignores prompts: their
+"embeddings" are zeros (B, 1, 1) and CFG is skipped (ε_u = ε_c, so the guided ε is ε itself).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class Denoiser:
         self.unet = unet
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.conditional = getattr(unet.config, "cross_attention_dim", None) is not None
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not "
@@ -47,7 +50,10 @@ class Denoiser:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states (B, L, D) in float32, as StableDiffusionPipeline computes."""
+        """Text-encoder hidden states (B, L, D) in float32, as StableDiffusionPipeline computes;
+        zeros (B, 1, 1) for an unconditional UNet."""
+        if not self.conditional:
+            return torch.zeros(len(prompts), 1, 1, device=self.device)
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError("this Denoiser was built without a tokenizer/text encoder")
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
@@ -60,6 +66,8 @@ class Denoiser:
 
     def unet_output(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """The raw UNet output (ε or v per prediction_type) in float32; adapters as they are set."""
+        if not self.conditional:
+            return self.unet(x.to(self.dtype), t, return_dict=False)[0].float()
         out = self.unet(x.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype),
                         return_dict=False)[0]
         return out.float()
@@ -75,7 +83,7 @@ class Denoiser:
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(B)
         cond_emb = cond_emb.expand(B, *cond_emb.shape[1:])
-        guided = uncond_emb is not None and guidance_scale != 1.0
+        guided = self.conditional and uncond_emb is not None and guidance_scale != 1.0
         ctx = contextlib.nullcontext() if adapter else adapters_disabled(self.unet)
         with ctx:
             if guided:

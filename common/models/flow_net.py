@@ -12,6 +12,8 @@ import torch
 
 from ..config import FlowNetConfig
 
+NO_TEXT_DIM = 8  # cross-attention width when the pipeline has no text encoder (its input is zeros)
+
 
 def _block_types(n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """SD's layout: cross-attention at every resolution but the lowest (all of them if n == 1)."""
@@ -45,9 +47,13 @@ class FlowNet(torch.nn.Module):
 
     @classmethod
     def from_pipeline(cls, cfg: FlowNetConfig, pipe) -> "FlowNet":
-        """Sized for `pipe`: latent channels of its UNet, cross-attention of its text encoder."""
-        return cls(cfg, pipe.unet.config.out_channels, pipe.text_encoder.config.hidden_size,
-                   pipe.unet.config.sample_size)
+        """Sized for `pipe`: latent channels of its UNet, cross-attention of its text encoder
+        (a pipeline without one, e.g. the pixel family, gets an 8-wide zero token)."""
+        encoder = getattr(pipe, "text_encoder", None)
+        if encoder is None and cfg.prompt_conditioned:
+            raise ValueError("flow_net.prompt_conditioned needs a text encoder; this pipeline has none")
+        dim = encoder.config.hidden_size if encoder is not None else NO_TEXT_DIM
+        return cls(cfg, pipe.unet.config.out_channels, dim, pipe.unet.config.sample_size)
 
     def flow(self, x: torch.Tensor, t: torch.Tensor,
              cond_emb: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """The one code path that turns a `ModelConfig` into a frozen diffusers pipeline.
 
-`pretrained` is a local folder, a hub id, or a preset name ("tiny"). A preset is first built into a
+`pretrained` is a local folder, a hub id, a preset name ("tiny"), or a model committed with the repo
+("digits", bundled.py). A preset is first built into a
 caller-given cache folder and then loaded with `from_pretrained` exactly like a real model, so tests
 on the tiny preset exercise the production path. Every failure to find or load weights raises
 `ModelLoadError` naming the path/id and what to do, instead of a deep diffusers/hub traceback.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from .bundled import BUNDLED_MODELS, BundledModelMissing, bundled_model_dir
 from .sd15_architecture import build_sd15_random
 from .tiny import TINY_BUILDERS, build_tiny_pipeline
 
@@ -29,6 +32,7 @@ PIPELINE_CLASSES: dict[str, str | None] = {
     "sd": "StableDiffusionPipeline",
     "sdxl": None,  # not supported yet: needs pooled text embeds and added time ids in the Denoiser
     "sd3": None,  # not supported yet: a transformer with flow matching, not a UNet with ε
+    "pixel": "DDPMPipeline",  # an unconditional UNet2DModel on pixels (common/models/pixel.py)
 }
 """Model family → diffusers pipeline class name; None = a known family not supported yet."""
 
@@ -43,6 +47,10 @@ def pipeline_class(family: str):
     """The diffusers pipeline class of `family`, or ModelLoadError if it is not supported (yet)."""
     import diffusers
 
+    if family == "pixel":  # a DDPMPipeline folder, loaded with LoRA support and an identity VAE
+        from .pixel import PixelDiffusionPipeline
+
+        return PixelDiffusionPipeline
     if family not in PIPELINE_CLASSES:
         raise ModelLoadError(f"unknown model family {family!r}; known: {sorted(PIPELINE_CLASSES)}")
     name = PIPELINE_CLASSES[family]
@@ -111,6 +119,16 @@ def resolve_pretrained(cfg: ModelConfig, cache_dir: str | Path | None = None) ->
     """A loadable local folder or hub id for cfg.pretrained (building a preset if needed)."""
     if cfg.pretrained in PRESETS:
         return str(build_preset(cfg.pretrained, cfg.family, cache_dir))
+    if cfg.pretrained in BUNDLED_MODELS:
+        family = BUNDLED_MODELS[cfg.pretrained]["family"]
+        if cfg.family != family:
+            raise ModelLoadError(f"model.pretrained={cfg.pretrained!r} is a {family!r} model: set "
+                                 f"model.family={family} (got {cfg.family!r})")
+        try:
+            path = bundled_model_dir(cfg.pretrained)
+        except BundledModelMissing as exc:
+            raise ModelLoadError(f"model.pretrained={cfg.pretrained!r}: {exc}") from None
+        return resolve_pretrained(dataclasses.replace(cfg, pretrained=str(path)))
     if _is_hub_id(cfg.pretrained):
         return cfg.pretrained  # a hub id
     path = Path(cfg.pretrained).expanduser()

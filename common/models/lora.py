@@ -84,8 +84,13 @@ def lora_state_dict(unet, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor
     _require_adapter(unet)
     sd = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}  # get_peft_model wrapping
-    return {k: v.detach().to("cpu", torch.float32).clone()
-            for k, v in convert_state_dict_to_diffusers(sd).items()}
+    if _has_text_attention(unet):  # SD's renaming covers attention only: pixel UNets keep peft keys
+        sd = convert_state_dict_to_diffusers(sd)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
+
+
+def _has_text_attention(unet) -> bool:
+    return getattr(unet.config, "cross_attention_dim", None) is not None
 
 
 def load_lora_state_dict(unet, state_dict: dict[str, torch.Tensor],

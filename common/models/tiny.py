@@ -102,7 +102,13 @@ def _build_tiny_sd(out_dir: Path) -> None:
     pipe.save_pretrained(out_dir)
 
 
-TINY_BUILDERS: dict[str, Callable[[Path], None]] = {"sd": _build_tiny_sd}
+def _build_tiny_pixel(out_dir: Path) -> None:
+    from .pixel import build_tiny_pixel
+
+    build_tiny_pixel(out_dir)
+
+
+TINY_BUILDERS: dict[str, Callable[[Path], None]] = {"sd": _build_tiny_sd, "pixel": _build_tiny_pixel}
 """family → builder writing a complete pipeline folder. Add "sdxl" / "sd3" here."""
 
 

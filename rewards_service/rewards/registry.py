@@ -17,7 +17,8 @@ import torch
 from .base import RewardError, RewardModel
 
 ENTRY_POINT_GROUP = "nablagfn.rewards"
-_BUILTIN_MODULES = ("analytic", "aesthetic", "clip_score", "hpsv2_adapter", "image_reward_adapter")
+_BUILTIN_MODULES = ("analytic", "aesthetic", "clip_score", "hpsv2_adapter", "image_reward_adapter",
+                    "digit_classifier")
 _REGISTRY: dict[str, Any] = {}
 
 

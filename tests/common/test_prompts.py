@@ -11,8 +11,11 @@ from nablagfn.common.prompts import (ANIMALS, BUILTIN_SOURCES, PromptError, Prom
 def test_builtin_lists():
     assert len(ANIMALS) == 45 and len(set(ANIMALS)) == 45  # DDPO's simple_animals.txt
     assert ANIMALS[0] == "cat" and ANIMALS[-1] == "kangaroo"
-    assert set(BUILTIN_SOURCES) == {"animals", "photo", "painting", "photo_painting"}
+    assert set(BUILTIN_SOURCES) == {"animals", "photo", "painting", "photo_painting", "none"}
+    assert BUILTIN_SOURCES["none"] == ("",)  # unconditional models: one empty prompt
     for name, prompts in BUILTIN_SOURCES.items():
+        if name == "none":
+            continue
         assert len(prompts) >= 20 and len(set(prompts)) == len(prompts), name
         assert all(p == p.strip() and p for p in prompts)
     both = BUILTIN_SOURCES["photo"] + BUILTIN_SOURCES["painting"]
