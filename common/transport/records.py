@@ -9,11 +9,21 @@ trust nothing) and names the failing field, e.g. "tensors.x_t: shape (3, 4, 8, 8
 Shapes, with N = meta.num_steps, K = kept transitions, S = the latent shape (= final.shape):
   timesteps (N,) int64 — the sampler's schedule;  step_idx (K,) int64 in [0, N)
   x_t, x_next, eps_behaviour (K, *S);  optional eps_pretrained, x0_pred (K, *S)
-  optional states (N+1, *S) — the full latent path, for targets that need it
+  optional states (N+1, *S) — the full latent path — or, with state_idx (M,) int64 (strictly
+    increasing in [0, N]), states (M, *S): the states at those indices only (e.g. every state from
+    the earliest kept step on, which the λ-return Stein target walks)
   final (*S);  optional cond_emb (L, D) — the prompt's text embedding
+  optional flow queries (schema 2), all three together: query_state (Q,) int64 in [0, N],
+    query_row (Q,) int64, query_x0 (Q, *S) — where the learner needs ∇log F̃ and the point the
+    reward is taken at. row −1: the trajectory state query_state (< N: the terminal one is
+    `final` itself, scored as grad_final), which the record must carry (in states, x_t or x_next);
+    row k ≥ 0: the forward point fwd_point[k] (K, *S) of kept transition k, at state step_idx[k]+1.
 Latents are float16/bfloat16/float32. A scored record adds meta log_reward (finite float) and
 reward_name, tensors grad_final (*S) = ∇ log R(final), optional log_reward_x0 (K,) and
-grad_x0 (K, *S) = ∇_{x̂₀} log R at the kept x̂₀, all float32.
+grad_x0 (K, *S) = ∇_{x̂₀} log R at the kept x̂₀, and query_log_r (Q,) and query_grad (Q, *S) =
+log R and ∇_{x̂₀} log R at each query_x0 (required when the record has queries), all float32.
+
+Schema history: 1 = the kept transitions; 2 = + state_idx, flow queries, fwd_point, query scores.
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ import torch
 from .codec import DEFAULT_MAX_BYTES, FLOAT_DTYPES, decode, dtype_name, encode, is_tensor
 from .errors import RecordError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LATENT_DTYPES = frozenset({"float16", "bfloat16", "float32"})
 _INT64 = frozenset({"int64"})
 _F32 = frozenset({"float32"})
@@ -35,7 +45,8 @@ _MAX_META_DEPTH = 4
 
 Tensor = np.ndarray | torch.Tensor
 
-# name -> (required, allowed dtypes, shape rule); rules: "N", "K", "N+1,S", "K,S", "S", "L,D"
+# name -> (required, allowed dtypes, shape rule); rules: "N", "K", "M", "Q", "K,S", "Q,S", "S",
+# "L,D", and "states" = (M, *S) with state_idx, else (N+1, *S)
 TRAJECTORY_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
     "timesteps": (True, _INT64, "N"),
     "step_idx": (True, _INT64, "K"),
@@ -44,16 +55,25 @@ TRAJECTORY_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
     "eps_behaviour": (True, LATENT_DTYPES, "K,S"),
     "eps_pretrained": (False, LATENT_DTYPES, "K,S"),
     "x0_pred": (False, LATENT_DTYPES, "K,S"),
-    "states": (False, LATENT_DTYPES, "N+1,S"),
+    "states": (False, LATENT_DTYPES, "states"),
+    "state_idx": (False, _INT64, "M"),
     "final": (True, LATENT_DTYPES, "S"),
     "cond_emb": (False, LATENT_DTYPES, "L,D"),
+    "query_state": (False, _INT64, "Q"),
+    "query_row": (False, _INT64, "Q"),
+    "query_x0": (False, LATENT_DTYPES, "Q,S"),
+    "fwd_point": (False, LATENT_DTYPES, "K,S"),
 }
+QUERY_TENSORS = ("query_state", "query_row", "query_x0")
 SCORED_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
     **TRAJECTORY_TENSORS,
     "grad_final": (True, _F32, "S"),
     "log_reward_x0": (False, _F32, "K"),
     "grad_x0": (False, _F32, "K,S"),
+    "query_log_r": (False, _F32, "Q"),
+    "query_grad": (False, _F32, "Q,S"),
 }
+QUERY_SCORES = ("query_log_r", "query_grad")
 # name -> (python types, description); bool is excluded from int explicitly below
 TRAJECTORY_META: dict[str, tuple[tuple[type, ...], str]] = {
     "run_id": ((str,), "str"), "traj_id": ((str,), "str"), "policy_version": ((int,), "int"),
@@ -130,14 +150,18 @@ def _check_tensors(tensors: Any, spec: dict[str, tuple[bool, frozenset[str], str
         raise RecordError(f"tensors.step_idx: shape {tuple(tensors['step_idx'].shape)}, "
                           "expected (K,) with K >= 1")
     K = int(tensors["step_idx"].shape[0])
+    _check_together(tensors, spec)
+    M = _length(tensors, "state_idx")
+    Q = _length(tensors, "query_state")
     for name, t in tensors.items():
         rule, shape = spec[name][2], tuple(t.shape)
         if rule == "L,D":
             if len(shape) != 2:
                 raise RecordError(f"tensors.{name}: shape {shape}, expected rank 2 (L, D)")
             continue
-        expected = {"N": (num_steps,), "K": (K,), "S": S, "K,S": (K, *S),
-                    "N+1,S": (num_steps + 1, *S)}[rule]
+        expected = {"N": (num_steps,), "K": (K,), "M": (M,), "Q": (Q,), "S": S, "K,S": (K, *S),
+                    "Q,S": (Q, *S),
+                    "states": (num_steps + 1 if M is None else M, *S)}[rule]
         if shape != expected:
             raise RecordError(f"tensors.{name}: shape {shape}, expected {expected}")
     for name, t in tensors.items():
@@ -147,6 +171,93 @@ def _check_tensors(tensors: Any, spec: dict[str, tuple[bool, frozenset[str], str
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= num_steps:
         raise RecordError(f"tensors.step_idx: values in [{lo}, {hi}], expected [0, {num_steps})")
+    if M is not None:
+        _check_state_idx(tensors["state_idx"], num_steps)
+    if Q is not None:
+        _check_queries(tensors, num_steps)
+
+
+def _as_list(t: Tensor) -> list[int]:
+    return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else np.asarray(t).tolist())]
+
+
+def _length(tensors: dict, name: str) -> int | None:
+    """The length of the 1-d index tensor `name`, None when absent."""
+    if name not in tensors:
+        return None
+    shape = tuple(tensors[name].shape)
+    if len(shape) != 1:
+        raise RecordError(f"tensors.{name}: shape {shape}, expected rank 1")
+    return shape[0]
+
+
+def _check_together(tensors: dict, spec: dict) -> None:
+    """Tensors that only make sense together: states with state_idx, the query triple, and
+    (scored records) the query scores with the queries."""
+    if "state_idx" in tensors and "states" not in tensors:
+        raise RecordError("tensors.states: missing (state_idx names the states it holds)")
+    have = [n for n in QUERY_TENSORS if n in tensors]
+    if have and len(have) != len(QUERY_TENSORS):
+        missing = next(n for n in QUERY_TENSORS if n not in tensors)
+        raise RecordError(f"tensors.{missing}: missing (queries need {', '.join(QUERY_TENSORS)})")
+    if all(n in spec for n in QUERY_SCORES):
+        for n in QUERY_SCORES:
+            if have and n not in tensors:
+                raise RecordError(f"tensors.{n}: missing (the record has flow queries)")
+            if not have and n in tensors:
+                raise RecordError(f"tensors.{n}: present without flow queries")
+
+
+def _check_state_idx(state_idx: Tensor, num_steps: int) -> None:
+    idx = _as_list(state_idx)
+    if idx and (idx[0] < 0 or idx[-1] > num_steps):
+        raise RecordError(f"tensors.state_idx: values in [{min(idx)}, {max(idx)}], "
+                          f"expected [0, {num_steps}]")
+    if any(b <= a for a, b in zip(idx, idx[1:])):
+        raise RecordError("tensors.state_idx: must be strictly increasing")
+
+
+def carried_states(tensors: dict, num_steps: int) -> set[int]:
+    """Indices of the trajectory states a record holds: states (all N+1, or state_idx), the kept
+    x_t (step_idx) and x_next (step_idx + 1), and final (N)."""
+    steps = _as_list(tensors["step_idx"])
+    out = set(steps) | {s + 1 for s in steps} | {num_steps}
+    if "states" in tensors:
+        out |= (set(_as_list(tensors["state_idx"])) if "state_idx" in tensors
+                else set(range(num_steps + 1)))
+    return out
+
+
+def _check_queries(tensors: dict, num_steps: int) -> None:
+    states, rows = _as_list(tensors["query_state"]), _as_list(tensors["query_row"])
+    steps = _as_list(tensors["step_idx"])
+    K = len(steps)
+    carried = carried_states(tensors, num_steps)
+    seen_states, seen_rows = set(), set()
+    for q, (s, r) in enumerate(zip(states, rows)):
+        if not 0 <= s <= num_steps:
+            raise RecordError(f"tensors.query_state[{q}]: {s}, expected [0, {num_steps}]")
+        if r == -1:
+            if s == num_steps:
+                raise RecordError(f"tensors.query_state[{q}]: the terminal state {s} is `final` "
+                                  "(scored as grad_final), not a query")
+            if s not in carried:
+                raise RecordError(f"tensors.query_state[{q}]: state {s} is not carried by "
+                                  "states, x_t or x_next")
+            if s in seen_states:
+                raise RecordError(f"tensors.query_state[{q}]: state {s} queried twice")
+            seen_states.add(s)
+        elif 0 <= r < K:
+            if "fwd_point" not in tensors:
+                raise RecordError(f"tensors.query_row[{q}]: row {r} needs tensors.fwd_point")
+            if s != steps[r] + 1:
+                raise RecordError(f"tensors.query_state[{q}]: {s}, expected step_idx[{r}] + 1 = "
+                                  f"{steps[r] + 1} for forward-point row {r}")
+            if r in seen_rows:
+                raise RecordError(f"tensors.query_row[{q}]: row {r} queried twice")
+            seen_rows.add(r)
+        else:
+            raise RecordError(f"tensors.query_row[{q}]: {r}, expected -1 or [0, {K})")
 
 
 @dataclass
@@ -219,12 +330,13 @@ class ScoredRecord(TrajectoryRecord):
     @classmethod
     def from_trajectory(cls, traj: TrajectoryRecord, *, log_reward: float, grad_final: Tensor,
                         reward_name: str, log_reward_x0: Tensor | None = None,
-                        grad_x0: Tensor | None = None) -> "ScoredRecord":
+                        grad_x0: Tensor | None = None, query_log_r: Tensor | None = None,
+                        query_grad: Tensor | None = None) -> "ScoredRecord":
         """The reward worker's output: the trajectory's fields (shared, not copied) + reward."""
         meta = {**traj.meta, "log_reward": float(log_reward), "reward_name": reward_name}
         tensors = {**traj.tensors, "grad_final": grad_final}
-        if log_reward_x0 is not None:
-            tensors["log_reward_x0"] = log_reward_x0
-        if grad_x0 is not None:
-            tensors["grad_x0"] = grad_x0
+        for name, value in (("log_reward_x0", log_reward_x0), ("grad_x0", grad_x0),
+                            ("query_log_r", query_log_r), ("query_grad", query_grad)):
+            if value is not None:
+                tensors[name] = value
         return cls(meta=meta, tensors=tensors)

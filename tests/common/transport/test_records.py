@@ -193,3 +193,99 @@ def test_size_limit_applies_to_records():
     msg = small_traj().to_msg()
     with pytest.raises(RecordError, match="exceeds"):
         TrajectoryRecord.from_msg(msg, max_bytes=len(msg) // 2)
+
+
+# -- schema 2: partial states, flow queries, forward points, query scores ----------------------
+def queried_traj(**kw):
+    """N=6, K=3 kept at steps (0, 3, 5); states 2..6 (state_idx), three state queries (2, 4, 5),
+    one forward-point query on kept row 2 (state 6), with fwd_point."""
+    rec = small_traj(**kw)
+    S, dt = tuple(rec.tensors["final"].shape), rec.tensors["final"].dtype
+    rec.tensors["step_idx"] = torch.tensor([2, 3, 5])
+    rec.tensors["state_idx"] = torch.arange(2, 7)
+    rec.tensors["states"] = torch.randn(5, *S).to(dt)
+    rec.tensors["query_state"] = torch.tensor([2, 4, 5, 6])
+    rec.tensors["query_row"] = torch.tensor([-1, -1, -1, 2])
+    rec.tensors["query_x0"] = torch.randn(4, *S).to(dt)
+    rec.tensors["fwd_point"] = torch.randn(3, *S).to(dt)
+    return rec
+
+
+def queried_scored(**kw):
+    rec = queried_traj()
+    S = tuple(rec.tensors["final"].shape)
+    args = dict(log_reward=0.5, grad_final=torch.randn(S), reward_name="brightness",
+                query_log_r=torch.randn(4), query_grad=torch.randn(4, *S))
+    return ScoredRecord.from_trajectory(rec, **{**args, **kw})
+
+
+def test_schema_version_is_two():
+    assert SCHEMA_VERSION == 2  # records of schema 1 lack the queries the learner needs
+
+
+def test_queried_records_round_trip():
+    rec = queried_traj(latent_dtype="float16")
+    _assert_same(rec, TrajectoryRecord.from_msg(rec.to_msg()))
+    sc = queried_scored()
+    _assert_same(sc, ScoredRecord.from_msg(sc.to_msg()))
+
+
+def test_partial_states_follow_state_idx():
+    rec = queried_traj()
+    rec.tensors["states"] = rec.tensors["states"][:4]
+    with pytest.raises(RecordError, match=r"tensors.states: shape \(4, 2, 4, 4\), expected \(5, 2, 4, 4\)"):
+        TrajectoryRecord.from_msg(_wire(rec))
+    rec = queried_traj()
+    del rec.tensors["states"]
+    with pytest.raises(RecordError, match="tensors.states: missing"):
+        rec.validate()
+    for bad, msg in ((torch.tensor([2, 3, 3, 4, 5]), "strictly increasing"),
+                     (torch.tensor([3, 4, 5, 6, 7]), r"state_idx: values in \[3, 7\]"),
+                     (torch.tensor([[2, 3, 4, 5, 6]]), "state_idx: shape")):
+        rec = queried_traj()
+        rec.tensors["state_idx"] = bad
+        with pytest.raises(RecordError, match=msg):
+            TrajectoryRecord.from_msg(_wire(rec))
+
+
+@pytest.mark.parametrize("state,row,match", [
+    (6, -1, "terminal state 6 is `final`"),
+    (1, -1, "state 1 is not carried"),
+    (7, -1, r"query_state\[0\]: 7, expected \[0, 6\]"),
+    (4, 0, r"expected step_idx\[0\] \+ 1 = 3"),
+    (3, 3, r"query_row\[0\]: 3, expected -1 or \[0, 3\)"),
+    (5, -1, "state 5 queried twice"),
+])
+def test_bad_queries_named(state, row, match):
+    rec = queried_traj()
+    rec.tensors["query_state"][0] = state
+    rec.tensors["query_row"][0] = row
+    with pytest.raises(RecordError, match=match):
+        TrajectoryRecord.from_msg(_wire(rec))
+
+
+def test_query_tensors_come_together():
+    rec = queried_traj()
+    del rec.tensors["query_x0"]
+    with pytest.raises(RecordError, match="tensors.query_x0: missing"):
+        rec.validate()
+    rec = queried_traj()
+    del rec.tensors["fwd_point"]
+    with pytest.raises(RecordError, match="needs tensors.fwd_point"):
+        rec.validate()
+    rec = queried_traj()
+    rec.tensors["query_x0"] = rec.tensors["query_x0"][:3]
+    with pytest.raises(RecordError, match="tensors.query_x0: shape"):
+        rec.validate()
+    sc = queried_scored()
+    del sc.tensors["query_grad"]
+    with pytest.raises(RecordError, match="tensors.query_grad: missing"):
+        ScoredRecord.from_msg(_wire(sc))
+    with pytest.raises(RecordError, match="tensors.query_log_r: present without flow queries"):
+        _scored(query_log_r=torch.zeros(3), query_grad=torch.zeros(3, 2, 4, 4)).validate()
+    g = torch.zeros(4, 2, 4, 4)
+    g[1, 0, 0, 0] = math.nan
+    with pytest.raises(RecordError, match="tensors.query_grad: 1 non-finite"):
+        queried_scored(query_grad=g).validate()
+    with pytest.raises(RecordError, match="tensors.query_log_r: dtype float16"):
+        queried_scored(query_log_r=torch.zeros(4, dtype=torch.float16)).validate()
