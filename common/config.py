@@ -225,6 +225,126 @@ class ReportConfig:
 
 
 @dataclass
+class RoleResources:
+    """Ray resources of one kind of actor: logical CPUs, GPUs, and custom resources (e.g.
+    {"sampler": 1} to place it on nodes that advertise a `sampler` resource)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        require(self.num_cpus >= 0, "num_cpus", "must be >= 0")
+        require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        for k, v in self.resources.items():
+            require(isinstance(k, str) and k and k not in ("CPU", "GPU", "memory"), "resources",
+                    f"custom resource names must be non-empty strings other than CPU/GPU/memory, got {k!r}")
+            require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "resources",
+                    f"resources[{k!r}] must be a number > 0, got {v!r}")
+
+
+@dataclass
+class DistributedConfig:
+    """`nablagfn train --mode distributed` (nablagfn/driver.py): sampler actors, reward workers and
+    the learner as Ray actors talking through Redis Streams (ARCHITECTURE.md)."""
+
+    num_samplers: int = 2
+    num_reward_workers: int = 1
+    sampler_batch: int = 4  # trajectories per sampler round (one record each)
+    max_policy_lag: int = 1  # the learner drops records sampled more than this many versions ago
+    publish_every: int = 1  # learner updates per published LoRA version
+    checkpoint_every: int = 1  # learner updates per checkpoint (LoRA, g_φ, optimizer, counters, seen ids)
+    reward_batch: int = 4  # trajectory records a reward worker reads and scores at once
+    latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # latents on the wire
+    block_ms: int = 200  # XREADGROUP block time (< redis.socket_timeout_s)
+    reclaim_idle_ms: int = 60_000  # entries pending this long on a consumer are taken over
+    poll_s: float = 0.05  # pause while a stream is full or no LoRA version is published yet
+    startup_timeout_s: float = 900.0  # actors must be ready (models loaded) within this
+    stall_timeout_s: float = 900.0  # the driver fails the run if the learner makes no update for this long
+    namespace: str = ""  # prefix of every Redis key ("" = stream:traj, lora:latest, ...)
+    ray_address: str | None = None  # None = start a local Ray runtime
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    sampler: RoleResources = field(default_factory=RoleResources)
+    reward: RoleResources = field(default_factory=RoleResources)
+    learner: RoleResources = field(default_factory=RoleResources)
+
+    def validate(self) -> None:
+        require(self.num_samplers >= 1, "num_samplers", "must be >= 1")
+        require(self.num_reward_workers >= 1, "num_reward_workers", "must be >= 1")
+        require(self.sampler_batch >= 1, "sampler_batch", "must be >= 1")
+        require(self.max_policy_lag >= 0, "max_policy_lag", "must be >= 0")
+        require(self.publish_every >= 1, "publish_every", "must be >= 1")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        require(self.reward_batch >= 1, "reward_batch", "must be >= 1")
+        require(self.block_ms >= 1, "block_ms", "must be >= 1")
+        require(self.block_ms / 1000 < self.redis.socket_timeout_s, "block_ms",
+                f"must be below redis.socket_timeout_s={self.redis.socket_timeout_s} s")
+        require(self.reclaim_idle_ms >= 1, "reclaim_idle_ms", "must be >= 1")
+        require(self.poll_s > 0, "poll_s", "must be > 0")
+        require(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
+        require(self.stall_timeout_s > 0, "stall_timeout_s", "must be > 0")
+        require(":" not in self.namespace and " " not in self.namespace, "namespace",
+                "must not contain ':' or spaces")
+
+
+METHODS = ("residual-nabla-db", "draft", "draft-lv", "refl", "ddpo", "residual-db")
+"""Values of `method`: residual ∇-DB and the baselines of ALGORITHM.md §4 (learner/baselines_step.py)."""
+Method = Literal["residual-nabla-db", "draft", "draft-lv", "refl", "ddpo", "residual-db"]
+
+
+@dataclass
+class DraftConfig:
+    """DRaFT-K / DRaFT-LV (learner/objectives/draft.py). β is objective.reward_scale."""
+
+    k: int = 1  # method=draft: the last K sampling steps carry the gradient
+    lv_draws: int = 2  # method=draft-lv: re-noised draws of the last step per trajectory
+
+    def validate(self) -> None:
+        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        require(self.lv_draws >= 1, "lv_draws", f"must be >= 1, got {self.lv_draws}")
+
+
+@dataclass
+class ReflConfig:
+    """ReFL (learner/objectives/refl.py): stop at a uniform state in [⌊f·N⌋, N−1], maximise R(x̂₀)."""
+
+    min_step_fraction: float = 0.5  # f
+
+    def validate(self) -> None:
+        require(0 <= self.min_step_fraction < 1, "min_step_fraction",
+                f"must be in [0, 1), got {self.min_step_fraction}")
+
+
+@dataclass
+class DDPOConfig:
+    """DDPO (learner/objectives/ddpo.py): PPO-clip with per-prompt normalised rewards."""
+
+    clip: float = 0.2  # ε of clip(r, 1 − ε, 1 + ε), r the per-step probability ratio
+    inner_epochs: int = 1  # passes over each update's samples
+    adv_clip_max: float = 5.0  # advantages clipped to ±this
+    min_count: int = 4  # a prompt's own statistics once it has this many rewards (else the batch's)
+    buffer_size: int = 32  # rewards kept per prompt across updates for its statistics (0 = this batch only)
+
+    def validate(self) -> None:
+        require(self.clip > 0, "clip", f"must be > 0, got {self.clip}")
+        require(self.inner_epochs >= 1, "inner_epochs", f"must be >= 1, got {self.inner_epochs}")
+        require(self.adv_clip_max > 0, "adv_clip_max", "must be > 0")
+        require(self.min_count >= 1, "min_count", "must be >= 1")
+        require(self.buffer_size >= 0, "buffer_size", "must be >= 0")
+
+
+@dataclass
+class ResidualDBConfig:
+    """Zeroth-order residual DB (learner/objectives/residual_db.py); β, η from `objective`."""
+
+    guess: Literal["x0_reward", "none"] = "x0_reward"  # log F̃(x_t) = β log R(x̂₀#(x_t)) + f_ψ, or f_ψ alone
+    flow_width: int = 32  # channels / hidden units of the scalar log-flow head f_ψ
+
+    def validate(self) -> None:
+        require(self.flow_width >= 1, "flow_width", "must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     """`nablagfn train`: one fine-tuning run — every section plus the run's own fields.
 
@@ -243,6 +363,7 @@ class TrainConfig:
     objective: NablaDBConfig = field(default_factory=NablaDBConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     updates: int = 200  # sampling rounds; each trains on its own fresh trajectories
     batch_trajectories: int = 64  # trajectories sampled per update (the authors' "epoch")
