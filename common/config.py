@@ -378,6 +378,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     model_cache_dir: str | None = None  # where presets (model.pretrained=tiny) are built; None = ~/.cache/nablagfn/models
     progress: bool = True  # tqdm progress bar
+    checkpoint_every: int = 0  # also save the LoRA to run_dir/checkpoints/update_<n>/ every this many updates; 0 = end only
 
     def validate(self) -> None:
         require(self.updates >= 0, "updates", f"must be >= 0, got {self.updates}")
@@ -391,6 +392,36 @@ class TrainConfig:
         require(self.eval_every >= 0, "eval_every", "must be >= 0")
         require(1 <= self.grid_size <= self.eval_trajectories, "grid_size",
                 f"must be in [1, eval_trajectories={self.eval_trajectories}], got {self.grid_size}")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
+                or self.device == "mps", "device", f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        require(self.threads >= 0, "threads", "must be >= 0")
+        require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """`nablagfn eval RUN_DIR ...` (nablagfn/evaluate.py): checkpoints on held-out prompts, fixed seeds."""
+
+    prompts: str = "heldout"  # heldout = the held-out split of the runs' training source; or a built-in / file
+    max_prompts: int = 0  # evaluate the first this many prompts of the source; 0 = all
+    samples: int = 8  # samples per prompt (>= 2: diversity and the Fréchet covariance are per prompt)
+    seed: int = 0  # prompt i's noise comes from a generator seeded with (seed, i): the same for every checkpoint
+    features: str = "auto"  # auto (dreamsim if importable, else clip), clip, dreamsim, or package.module:factory
+    features_model_path: str | None = None  # the extractor's local weights (clip: a CLIPModel dir); None = the run's reward.model_path
+    out: str = "runs/eval"
+    batch_size: int = 8  # samples drawn / decoded / embedded per pass (memory bound)
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(bool(self.prompts), "prompts", "must name a prompt source or 'heldout'")
+        require(self.max_prompts >= 0, "max_prompts", "must be >= 0")
+        require(self.samples >= 2, "samples", f"must be >= 2 (per-prompt diversity and covariance), got {self.samples}")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(bool(self.features), "features", "must name a feature extractor")
+        require(bool(self.out), "out", "must name a directory")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
                 or self.device == "mps", "device", f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         require(self.threads >= 0, "threads", "must be >= 0")

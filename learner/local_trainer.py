@@ -11,6 +11,8 @@ then `plan_flow_queries` / `score_flow_queries` / `drop_invalid` / `NablaDBLearn
     samples_start.png / samples_end.png       grids of the first `grid_size` evaluation samples
     samples_start.safetensors / samples_end.safetensors   their latents and log R
     lora/                     the final LoRA in diffusers format (pipe.load_lora_weights(dir))
+    checkpoints/update_<n>/   with checkpoint_every > 0: the LoRA after update n (every that many
+                              updates), diffusers format, and checkpoint.json {"update": n}
     flow_net.safetensors      g_φ's weights (FlowNet(cfg.flow_net, …).load_state_dict)
     summary.json              start / end evaluation, eval seed and prompts, totals
 
@@ -263,6 +265,22 @@ class LocalTrainer:
                    "log_r": log_r.detach().float().cpu().contiguous()},
                   str(self.run_dir / f"samples_{tag}.safetensors"))
 
+    def save_checkpoint(self) -> Path:
+        """The LoRA now, in diffusers format, with checkpoint.json {"update": n}, at
+        run_dir/checkpoints/update_<n>/ (written beside and renamed: never seen half-written)."""
+        import shutil
+
+        from nablagfn.common.models import save_lora_diffusers
+
+        target = self.run_dir / "checkpoints" / f"update_{self.update_count}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_lora_diffusers(self.pipe, tmp)
+        (tmp / "checkpoint.json").write_text(json.dumps({"update": self.update_count}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return target
+
     def save(self) -> None:
         from safetensors.torch import save_file
 
@@ -282,6 +300,9 @@ class LocalTrainer:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         for name in ("metrics.jsonl", "eval.jsonl"):
             (out / name).unlink(missing_ok=True)
+        if (out / "checkpoints").is_dir():  # a previous run's checkpoints would pose as this run's
+            import shutil
+            shutil.rmtree(out / "checkpoints")
         t0 = time.perf_counter()
 
         def log_eval(tag: Optional[str]) -> dict:
@@ -303,6 +324,8 @@ class LocalTrainer:
                             skipped=last["skipped_total"])
             if cfg.eval_every and (u + 1) % cfg.eval_every == 0 and u + 1 < cfg.updates:
                 log_eval(None)
+            if cfg.checkpoint_every and (u + 1) % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
         end = log_eval("end")
         self.save()
         summary = {"updates": cfg.updates, "seed": cfg.seed, "reward": cfg.reward.name,

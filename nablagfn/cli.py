@@ -118,6 +118,32 @@ def _bench_gmm(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    """`nablagfn eval RUN_DIR ...` (nablagfn/evaluate.py). argparse puts trailing key=value
+    overrides into the positional list: those that are not existing paths are EvalConfig overrides."""
+    from nablagfn.common.config import EvalConfig
+    from nablagfn.common.evaluation import CheckpointError, FeatureError, HeldoutError
+    from nablagfn.evaluate import run_eval
+
+    runs = [r for r in args.runs if "=" not in r or Path(r).exists()]
+    overrides = [r for r in args.runs if r not in runs] + list(args.overrides)
+    cli = {k: getattr(args, k) for k in ("prompts", "samples", "seed", "features", "features_model_path",
+                                         "max_prompts", "out", "device") if getattr(args, k) is not None}
+    if args.no_progress:
+        cli["progress"] = False
+    try:
+        cfg = build_config(EvalConfig, cli, overrides=overrides)
+        summary = run_eval(cfg, runs)
+    except (*_load_errors(), CheckpointError, FeatureError, HeldoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    brief = {k: summary[k] for k in ("csv", "plots", "prompts_source", "features", "samples_per_prompt")}
+    brief["rows"] = [{k: r[k] for k in ("run", "method", "update", "reward_mean", "reward_std", "diversity",
+                                        "prior_drift")} for r in summary["rows"]]
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nablagfn", description=__doc__,
                                      epilog="Config overrides: append dotted key=value pairs, e.g. objective.gamma=squared")
@@ -155,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", dest="run_dir", help="output directory (run_dir)")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate run checkpoints: reward, diversity, prior drift; CSV + Pareto PNGs")
+    ev.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of `nablagfn train`")
+    ev.add_argument("--prompts", help="held-out prompts: heldout (default: the split the runs did not "
+                                      "train on), a built-in source name, or a text file")
+    ev.add_argument("--samples", type=int, help="samples per prompt (>= 2; default 8)")
+    ev.add_argument("--max-prompts", dest="max_prompts", type=int, help="use the first N prompts (0 = all)")
+    ev.add_argument("--seed", type=int, help="noise seed (prompt i: SeedSequence((seed, i)))")
+    ev.add_argument("--features", help="auto | clip | dreamsim | package.module:factory")
+    ev.add_argument("--features-model", dest="features_model_path",
+                    help="the feature extractor's local weights (clip: a CLIPModel dir); default: the "
+                         "run's reward.model_path")
+    ev.add_argument("--out", help="output directory (default runs/eval)")
+    ev.add_argument("--device", help="auto, cpu, cuda[:N]")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_eval)
     return parser
 
 
