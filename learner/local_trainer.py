@@ -328,13 +328,17 @@ class LocalTrainer:
                 self.save_checkpoint()
         end = log_eval("end")
         self.save()
+        report = None
+        if cfg.report.kind == "digits":  # learner/digits_report.py: grids, shares, diversity, curves
+            from .digits_report import report_for_trainer
+            report = report_for_trainer(self)
         summary = {"updates": cfg.updates, "seed": cfg.seed, "reward": cfg.reward.name,
                    "eval_start": start, "eval_end": end,
                    "eval_reward_gain": end["reward_mean"] - start["reward_mean"],
                    "eval_seed": eval_seed(cfg), "eval_prompts": self.eval_prompts,
                    "skipped_total": self.skipped_total, "optimizer_steps": self.learner.steps,
                    "wall_seconds": time.perf_counter() - t0, "device": str(self.device),
-                   "last_update": last}
+                   "last_update": last, "report": report}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

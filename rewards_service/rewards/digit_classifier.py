@@ -85,8 +85,8 @@ class DigitClassifierReward(RewardModel):
     def __init__(self, classifier: DigitCNN, digit: int = 3):
         super().__init__()
         n = classifier.config["num_classes"]
-        if not 0 <= int(digit) < n:
-            raise RewardError(f"digit_classifier: digit must be in 0..{n - 1}, got {digit}")
+        if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit < n:
+            raise RewardError(f"digit_classifier: reward.kwargs.digit must be in 0..{n - 1}, got {digit!r}")
         self.classifier = classifier
         self.digit = int(digit)
 
