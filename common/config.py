@@ -15,7 +15,7 @@ from .config_io import require
 class SamplerConfig:
     """The sampling MDP (ALGORITHM.md §1)."""
 
-    kind: Literal["ddim", "dpm_sde"] = "ddim"
+    kind: Literal["ddim", "dpm_sde", "flow_sde"] = "ddim"  # flow_sde: rectified-flow models (common/samplers/flow_sde.py)
     num_steps: int = 50
     eta: float = 1.0  # DDIM η; 1 = DDPM-like ancestral sampling
     guidance_scale: float = 5.0  # CFG w, shared by policy and pretrained

@@ -60,7 +60,8 @@ def inference_timesteps(cfg: dict, num_steps: int, spacing: str | None = None) -
 
 @dataclass(frozen=True)
 class SamplingSchedule:
-    """timesteps: (N,) int64 model timestep at states 0..N-1; alpha_bar: (N+1,) float64 ᾱ of states."""
+    """timesteps: (N,) int64 model timestep at states 0..N-1 (float64 t·T for a flow-matching model,
+    prediction_type "flow"); alpha_bar: (N+1,) float64 ᾱ of states."""
 
     timesteps: torch.Tensor
     alpha_bar: torch.Tensor
@@ -87,9 +88,20 @@ def make_schedule(scheduler_config: dict, num_steps: int, kind: str = "ddim") ->
     `final_alpha_cumprod` (1 if set_alpha_to_one, else ᾱ_0). SDE-DPM-Solver++ uses diffusers'
     DPMSolverMultistepScheduler grid ("linspace") with `final_sigmas_type="sigma_min"`, whose
     last state also sits at ᾱ_0, so the last step stays stochastic.
+
+    A flow-matching config (FlowMatchEulerDiscreteScheduler) gives the flow model's grid on its
+    VP-equivalent path (common/flow_matching.py: float timesteps t·T, ᾱ = (1−t)²/((1−t)² + t²)) for
+    any kind: on that path "flow_sde", "ddim" and "dpm_sde" are all valid steps. "flow_sde" on a
+    DDPM config is DDIM-η on the DDIM grid (the same Gaussian step).
     """
+    from .flow_matching import flow_schedule, is_flow_matching_config
+
+    if kind not in ("ddim", "dpm_sde", "flow_sde"):
+        raise ValueError(f"sampler kind {kind!r} is not one of ddim, dpm_sde, flow_sde")
+    if is_flow_matching_config(scheduler_config):
+        return flow_schedule(scheduler_config, num_steps)
     ac = alphas_cumprod_from_config(scheduler_config)
-    if kind == "ddim":
+    if kind in ("ddim", "flow_sde"):
         ts = inference_timesteps(scheduler_config, num_steps)
         final = 1.0 if scheduler_config.get("set_alpha_to_one", True) else float(ac[0])
     elif kind == "dpm_sde":
