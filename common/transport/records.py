@@ -21,7 +21,8 @@ Shapes, with N = meta.num_steps, K = kept transitions, S = the latent shape (= f
 Latents are float16/bfloat16/float32. A scored record adds meta log_reward (finite float) and
 reward_name, tensors grad_final (*S) = ∇ log R(final), optional log_reward_x0 (K,) and
 grad_x0 (K, *S) = ∇_{x̂₀} log R at the kept x̂₀, and query_log_r (Q,) and query_grad (Q, *S) =
-log R and ∇_{x̂₀} log R at each query_x0 (required when the record has queries), all float32.
+log R and ∇_{x̂₀} log R at each query_x0 (required when the record has queries), all float32;
+it may leave query_x0 out (the learner recomputes x̂₀(x) for the chain rule).
 
 Schema history: 1 = the kept transitions; 2 = + state_idx, flow queries, fwd_point, query scores.
 """
@@ -196,11 +197,14 @@ def _check_together(tensors: dict, spec: dict) -> None:
     (scored records) the query scores with the queries."""
     if "state_idx" in tensors and "states" not in tensors:
         raise RecordError("tensors.states: missing (state_idx names the states it holds)")
+    scored = all(n in spec for n in QUERY_SCORES)
+    # a scored record may drop query_x0: the learner recomputes x̂₀(x) to chain the gradient
+    together = QUERY_TENSORS[:2] if scored else QUERY_TENSORS
     have = [n for n in QUERY_TENSORS if n in tensors]
-    if have and len(have) != len(QUERY_TENSORS):
-        missing = next(n for n in QUERY_TENSORS if n not in tensors)
-        raise RecordError(f"tensors.{missing}: missing (queries need {', '.join(QUERY_TENSORS)})")
-    if all(n in spec for n in QUERY_SCORES):
+    if have and not all(n in tensors for n in together):
+        missing = next(n for n in together if n not in tensors)
+        raise RecordError(f"tensors.{missing}: missing (queries need {', '.join(together)})")
+    if scored:
         for n in QUERY_SCORES:
             if have and n not in tensors:
                 raise RecordError(f"tensors.{n}: missing (the record has flow queries)")

@@ -283,6 +283,12 @@ def test_query_tensors_come_together():
         ScoredRecord.from_msg(_wire(sc))
     with pytest.raises(RecordError, match="tensors.query_log_r: present without flow queries"):
         _scored(query_log_r=torch.zeros(3), query_grad=torch.zeros(3, 2, 4, 4)).validate()
+    sc = queried_scored()
+    del sc.tensors["query_x0"]  # allowed: the learner recomputes x̂₀
+    assert ScoredRecord.from_msg(sc.to_msg()).tensors["query_row"].tolist() == [-1, -1, -1, 2]
+    del sc.tensors["query_row"]
+    with pytest.raises(RecordError, match="tensors.query_row: missing"):
+        sc.validate()
     g = torch.zeros(4, 2, 4, 4)
     g[1, 0, 0, 0] = math.nan
     with pytest.raises(RecordError, match="tensors.query_grad: 1 non-finite"):

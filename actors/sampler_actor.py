@@ -1,0 +1,216 @@
+"""`SamplerActor`: holds the pretrained pipeline + LoRA policy and turns it into trajectory records.
+
+One round (`step`), once the stream has room:
+1. refresh the policy: if the LoRA registry has a version newer than the one loaded, fetch it
+   (verified: keys and shapes of this UNet's adapter, finite values) and load it into the UNet;
+2. draw `sampler_batch` prompts, sample their trajectories through the MDP with the policy
+   (common/trajectories.py), choose the kept transitions (common/subsample.py);
+3. compute what the learner needs at sampling time (common/policy.py `plan_flow_queries`: the
+   flow-query states and the x̂₀ at each, μ# for pretrained-mean forward points);
+4. encode one record per trajectory (trajectory_records.py) stamped with the policy version that
+   sampled it, and XADD each. Backpressure: a round starts only while the trajectory stream is
+   below its depth bound, and an XADD that finds it full waits (the bound is exact: `add`
+   checks and appends atomically).
+
+`run` repeats rounds until the driver sets the run's stop key (or `max_rounds`). A plain class:
+the driver wraps it with `ray.remote(...).options(resources)`; tests and benchmarks use it as is.
+It never computes rewards or trains. Random draws: prompts from numpy's generator seeded with
+(prompts.seed, seed, 1000 + index), noise and subsampling from torch generators seeded with
+seed·1000 + index (+ a second stream), so samplers draw different trajectories.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from nablagfn.common.config import TrainConfig
+from nablagfn.common.config_io import validate
+from nablagfn.common.transport import LoraRegistry, StreamClient, shapes_of
+from nablagfn.common.transport.keys import RunKeys
+
+from .trajectory_records import trajectory_records
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def actor_device(device: str) -> torch.device:
+    """cfg.device inside an actor: auto = the GPU Ray assigned it (if any), else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class SamplerActor:
+    """A policy copy that samples trajectory records into Redis (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, index: int, redis_url: str, run_id: str,
+                 cache_dir: Optional[str] = None):
+        from nablagfn.common.models import Denoiser, add_lora, load_pipeline, lora_state_dict
+        from nablagfn.common.policy import PolicyCallables
+        from nablagfn.common.prompts import build_prompt_source
+        from nablagfn.common.schedule import make_schedule
+        from nablagfn.common.trajectories import latent_shape_of
+
+        validate(cfg)
+        self.cfg, self.index, self.run_id = cfg, int(index), run_id
+        self.name = f"sampler-{self.index}"
+        dc = cfg.distributed
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = actor_device(cfg.device)
+        self.keys = RunKeys.from_config(dc)
+        self.streams = StreamClient.from_config(dc.redis, redis_url)
+        self.registry = LoraRegistry(self.streams.conn, prefix=self.keys.lora_prefix,
+                                     keep=dc.redis.lora_keep_versions, max_bytes=dc.redis.max_lora_bytes)
+        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
+        add_lora(self.pipe.unet, cfg.lora)
+        self.denoiser = Denoiser.from_pipeline(self.pipe)
+        self.expected = shapes_of(lora_state_dict(self.pipe.unet))
+        sc = cfg.sampler
+        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
+        vae_scale = getattr(self.pipe, "vae_scale_factor", None) or 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.latent_shape = latent_shape_of(self.denoiser, cfg.model.resolution, vae_scale)
+        self.uncond = self.denoiser.encode_prompts([""])
+        self.models = PolicyCallables(self.denoiser, None, self.schedule, self.uncond,
+                                      sc.guidance_scale, self.device)
+        self.prompts = build_prompt_source(cfg.prompts)
+        self.prompt_rng = np.random.default_rng((cfg.prompts.seed, cfg.seed, 1000 + self.index))
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.index)
+        self.subsample_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.index + 500)
+        self.latent_dtype = _DTYPES[dc.latent_dtype]
+        self.version: Optional[int] = None
+        self.counters = {"rounds": 0, "records": 0, "bytes": 0, "lora_loads": 0,
+                         "seconds_sampling": 0.0, "seconds_paused": 0.0, "seconds_waiting_policy": 0.0,
+                         "seconds_publish": 0.0}
+        self.versions_loaded: list[tuple[int, float]] = []  # (version, wall time it was loaded)
+
+    # -- control ------------------------------------------------------------------------------
+    def ready(self) -> str:
+        return self.name
+
+    def stop_requested(self) -> bool:
+        return bool(self.streams.conn.call(self.streams.conn.client.exists, self.keys.stop_key))
+
+    def refresh_policy(self) -> bool:
+        """Load the newest published LoRA if it is newer than ours; True if one was loaded."""
+        from nablagfn.common.models import load_lora_state_dict
+
+        got = self.registry.fetch_if_newer(self.version, self.expected)
+        if got is None:
+            return False
+        version, state = got
+        load_lora_state_dict(self.pipe.unet, state)
+        self.version = version
+        self.counters["lora_loads"] += 1
+        self.versions_loaded.append((version, time.time()))
+        return True
+
+    def wait_for_policy(self, timeout_s: float) -> bool:
+        """Block until some version is loaded (the learner publishes version 0 at start); False on
+        timeout or stop."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        while not self.refresh_policy() and self.version is None:
+            if time.monotonic() > deadline or self.stop_requested():
+                break
+            time.sleep(self.cfg.distributed.poll_s)
+        self.counters["seconds_waiting_policy"] += time.perf_counter() - t0
+        return self.version is not None
+
+    # -- one round ----------------------------------------------------------------------------
+    def sample_records(self, n: Optional[int] = None) -> list:
+        """Sample n (default sampler_batch) trajectories with the current policy; their records."""
+        from nablagfn.common.policy import needed_states, plan_flow_queries
+        from nablagfn.common.subsample import subsample_steps
+        from nablagfn.common.trajectories import sample_trajectories
+
+        if self.version is None:
+            raise RuntimeError(f"{self.name}: no policy version loaded (nothing published yet)")
+        cfg, sc, s = self.cfg, self.cfg.sampler, self.cfg.subsample
+        n = n or cfg.distributed.sampler_batch
+        t0 = time.perf_counter()
+        ids, prompts = self.prompts.sample(n, rng=self.prompt_rng)
+        cond = self.denoiser.encode_prompts(prompts)
+        traj = sample_trajectories(self.denoiser, self.schedule, cond, self.uncond, sc.guidance_scale, sc.kind,
+                                   sc.eta, self.sample_gen, latent_shape=self.latent_shape)
+        keep = subsample_steps(n, sc.num_steps, s.timestep_fraction, s.low_variance, s.keep_last,
+                               self.subsample_gen).to(self.device)
+        queries, fwd_point = plan_flow_queries(self.models, traj, keep, cond, cfg)
+        needed = needed_states(keep, sc.num_steps, cfg)
+        meta = {"run_id": self.run_id, "policy_version": int(self.version), "sampler": sc.kind,
+                "num_steps": sc.num_steps, "sampled_at": time.time()}
+        records = trajectory_records(traj, keep, cond, ids.tolist(), prompts, queries, fwd_point, needed,
+                                     timesteps=self.schedule.timesteps, meta=meta, actor=self.name,
+                                     latent_dtype=self.latent_dtype)
+        self.counters["seconds_sampling"] += time.perf_counter() - t0
+        return records
+
+    def publish(self, records: list) -> bool:
+        """XADD each record, waiting while its stream is full; False if stopped while waiting."""
+        dc = self.cfg.distributed
+        t0 = time.perf_counter()
+        for rec in records:
+            msg = rec.to_msg(max_bytes=dc.redis.max_record_bytes)
+            stream = self.keys.traj_stream_for(rec.traj_id)
+            paused = None
+            while not self.streams.add(stream, msg, max_depth=dc.redis.max_stream_depth):
+                paused = paused or time.perf_counter()
+                if self.stop_requested():
+                    self.counters["seconds_paused"] += time.perf_counter() - paused
+                    return False
+                time.sleep(dc.poll_s)
+            if paused:
+                self.counters["seconds_paused"] += time.perf_counter() - paused
+            self.counters["records"] += 1
+            self.counters["bytes"] += len(msg)
+        self.counters["seconds_publish"] += time.perf_counter() - t0
+        return True
+
+    def wait_for_room(self) -> bool:
+        """Pause while a trajectory stream is at its depth bound, before sampling: records sampled
+        now and queued for long would only age (policy lag). False if stopped while waiting."""
+        dc = self.cfg.distributed
+        t0 = None
+        while max(self.streams.depth(s) for s in self.keys.traj_streams) >= dc.redis.max_stream_depth:
+            t0 = t0 or time.perf_counter()
+            if self.stop_requested():
+                return False
+            time.sleep(dc.poll_s)
+        if t0:
+            self.counters["seconds_paused"] += time.perf_counter() - t0
+        return True
+
+    def step(self) -> int:
+        """One round: wait for room in the stream, refresh the policy, sample, publish; returns
+        the records written."""
+        if not self.wait_for_room():
+            return 0
+        self.refresh_policy()
+        records = self.sample_records()
+        if not self.publish(records):
+            return 0
+        self.counters["rounds"] += 1
+        return len(records)
+
+    def run(self, max_rounds: Optional[int] = None) -> dict[str, Any]:
+        """Rounds until the stop key is set (or max_rounds); returns `stats()`."""
+        if not self.wait_for_policy(self.cfg.distributed.startup_timeout_s):
+            if self.stop_requested():
+                return self.stats()
+            raise RuntimeError(f"{self.name}: no LoRA version was published within "
+                               f"{self.cfg.distributed.startup_timeout_s} s")
+        done = 0
+        while (max_rounds is None or done < max_rounds) and not self.stop_requested():
+            self.step()
+            done += 1
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        return {"actor": self.name, "version": self.version, **self.counters,
+                "versions_loaded": list(self.versions_loaded)}
+
+    def close(self) -> None:
+        self.streams.close()

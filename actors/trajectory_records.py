@@ -1,0 +1,88 @@
+"""One sampled batch → one `TrajectoryRecord` per trajectory (schema 2, common/transport/records.py).
+
+What a record carries is exactly what the learner reads (learner/record_batch.py rebuilds the
+batch from it), decided here at sampling time so nothing unused crosses the wire:
+
+- the kept transitions: step_idx (K,), x_t, x_next, ε_behaviour (K, *S), and the final latent;
+- the other trajectory states the update reads (`common.policy.needed_states`: with the λ-return
+  Stein target every state from the earliest kept step on), as states (M, *S) + state_idx (M,),
+  leaving out those already carried as x_t, x_next or final;
+- the flow queries of this trajectory (`plan_flow_queries`): query_state, query_row (−1 for a
+  trajectory state, else the kept row k of a forward point), query_x0 — minus the terminal state,
+  whose x̂₀ is `final` itself and whose reward the worker always computes;
+- fwd_point (K, *S), μ#(x_t) per kept row, when objective.forward_point = pretrained_mean;
+- cond_emb (L, D), the prompt's text embedding, and the sampler's timesteps (N,).
+Latents and embeddings are cast to `latent_dtype`; indices are int64.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Optional, Sequence
+
+import torch
+
+from nablagfn.common.policy import FlowQueries
+from nablagfn.common.trajectories import Trajectories
+from nablagfn.common.transport import TrajectoryRecord
+
+
+def new_traj_id(actor: str) -> str:
+    """Unique across actors and restarts (a restarted actor must not reuse an id: the learner
+    deduplicates by it)."""
+    return f"{actor}-{uuid.uuid4().hex}"
+
+
+def trajectory_records(traj: Trajectories, keep: torch.Tensor, cond: torch.Tensor,
+                       prompt_ids: Sequence[int], prompts: Sequence[str], queries: FlowQueries,
+                       fwd_point: Optional[torch.Tensor], needed: torch.Tensor, *,
+                       timesteps: torch.Tensor, meta: dict, actor: str,
+                       latent_dtype: torch.dtype = torch.float32) -> list[TrajectoryRecord]:
+    """Records of the B trajectories of one batch.
+
+    traj: states (B, N+1, *S) and ε (B, N, *S) at every step (sampled without keep_idx);
+    keep (B, K); cond (B, L, D); queries / fwd_point as `plan_flow_queries` returns them (rows of
+    fwd_point trajectory-major, B·K); needed (B, N+1) bool, `needed_states`. `meta` holds the fields
+    shared by the batch (run_id, policy_version, sampler, num_steps, ...); traj_id, prompt_id and
+    prompt are added per record.
+    """
+    if traj.keep_idx is not None:
+        raise ValueError("trajectory_records needs ε at every step (sample without keep_idx)")
+    B, N, K = traj.batch_size, traj.num_steps, int(keep.shape[1])
+    cpu = torch.device("cpu")
+    states = traj.states.detach().to(cpu)
+    eps = traj.eps.detach().to(cpu)
+    keep = keep.detach().to(cpu).long()
+    q_traj, q_state, q_row = (t.detach().to(cpu).long() for t in (queries.traj, queries.state, queries.row))
+    q_x0 = queries.x0.detach().to(cpu)
+    needed = needed.detach().to(cpu)
+    fwd = None if fwd_point is None else fwd_point.detach().to(cpu)
+    ts = timesteps.detach().to(cpu).long()
+
+    def lat(t: torch.Tensor) -> torch.Tensor:
+        return t.to(latent_dtype).contiguous()
+
+    out = []
+    for b in range(B):
+        k = keep[b]
+        carried = set(k.tolist()) | set((k + 1).tolist()) | {N}
+        extra = [s for s in needed[b].nonzero(as_tuple=True)[0].tolist() if s not in carried]
+        sel = (q_traj == b) & ~((q_row < 0) & (q_state == N))
+        rows = q_row[sel]
+        tensors = {
+            "timesteps": ts.clone(), "step_idx": k.clone(),
+            "x_t": lat(states[b, k]), "x_next": lat(states[b, k + 1]), "eps_behaviour": lat(eps[b, k]),
+            "final": lat(states[b, N]), "cond_emb": lat(cond[b].detach().to(cpu)),
+            "query_state": q_state[sel].clone(),
+            "query_row": torch.where(rows >= 0, rows - b * K, rows),
+            "query_x0": lat(q_x0[sel]),
+        }
+        if extra:
+            idx = torch.tensor(extra, dtype=torch.long)
+            tensors["states"] = lat(states[b, idx])
+            tensors["state_idx"] = idx
+        if fwd is not None:
+            tensors["fwd_point"] = lat(fwd[b * K:(b + 1) * K])
+        rec_meta = {**meta, "traj_id": new_traj_id(actor), "prompt_id": int(prompt_ids[b]),
+                    "prompt": str(prompts[b]), "actor": actor}
+        out.append(TrajectoryRecord(meta=rec_meta, tensors=tensors))
+    return out

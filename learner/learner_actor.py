@@ -1,0 +1,276 @@
+"""`LearnerActor`: consumes scored records, trains the LoRA policy and g_φ, publishes LoRA versions.
+
+Versions: at start the learner publishes its current LoRA as a new version (0 on a fresh run,
+latest + 1 on a restart), so every sampler begins from the learner's exact weights, and again
+after every `publish_every` updates. `version` is the last published one.
+
+One update (`update`):
+1. collect `batch_trajectories` records from `stream:scored` (group `learner`; at start, entries a
+   previous incarnation left pending are reclaimed first). Each record is decoded and validated
+   (schema, sizes, finite values), then checked against this run (`record_batch.check_record`);
+   a bad one is dead-lettered with the reason. A record whose traj_id was already trained on (or is
+   already in the batch) is a redelivery: acked and counted, never trained twice. A record sampled
+   more than `max_policy_lag` versions ago (version − policy_version > max_policy_lag) is acked,
+   dropped and counted. So every trained record satisfies policy_version ≥ version − max_policy_lag.
+2. rebuild the UpdateData (`record_batch.update_data`) and run `NablaDBLearner.learn` — the same
+   update as the one-process trainer, with the chain rule to x_t and the Stein targets done here.
+3. publish every `publish_every` updates; checkpoint every `checkpoint_every` updates (LoRA, g_φ,
+   its Polyak copy, optimizer, version, counters, seen ids) and only then XACK the trained entries:
+   after a crash, what was not checkpointed is redelivered and trained again from the restored
+   state, and what was is never trained twice (its ids are in the checkpoint).
+4. append one metrics map to `stream:metrics` (the driver tails it).
+It never samples trajectories.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from nablagfn.common.config import TrainConfig
+from nablagfn.common.config_io import validate
+from nablagfn.common.transport import (LoraRegistry, RecordError, ScoredRecord, StreamClient,
+                                       encode)
+from nablagfn.common.transport.keys import LEARNER_GROUP, RunKeys
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .nabla_db_step import NablaDBLearner, PolicyModels
+from .record_batch import check_record, update_data
+
+METRICS_MAXLEN = 100_000
+CONSUMER = "learner"
+
+
+def learner_device(device: str) -> torch.device:
+    """cfg.device inside the learner: auto = the GPU Ray assigned it (if any), else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LearnerActor:
+    """The learner of one distributed run (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, redis_url: str, run_id: str, cache_dir: Optional[str] = None):
+        from nablagfn.common.models import Denoiser, FlowNet, add_lora, load_pipeline
+        from nablagfn.common.schedule import make_schedule
+
+        validate(cfg)
+        self.cfg, self.run_id = cfg, run_id
+        dc = cfg.distributed
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = learner_device(cfg.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.keys = RunKeys.from_config(dc)
+        self.streams = StreamClient.from_config(dc.redis, redis_url)
+        for stream in self.keys.scored_streams:
+            self.streams.ensure_group(stream, LEARNER_GROUP)
+        self.registry = LoraRegistry(self.streams.conn, prefix=self.keys.lora_prefix,
+                                     keep=dc.redis.lora_keep_versions, max_bytes=dc.redis.max_lora_bytes)
+        torch.manual_seed(cfg.seed)  # LoRA and g_φ initialisation, as in the one-process trainer
+        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
+        add_lora(self.pipe.unet, cfg.lora)
+        self.denoiser = Denoiser.from_pipeline(self.pipe)
+        flow_net = None
+        if not cfg.objective.no_flow:
+            flow_net = FlowNet.from_pipeline(cfg.flow_net, self.pipe).to(self.device)
+        sc = cfg.sampler
+        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
+        self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.denoiser.encode_prompts([""]),
+                                   sc.guidance_scale, self.device)
+        self.learner = NablaDBLearner(cfg, self.models)
+        self.updates = 0
+        self.version = -1
+        self.seen: set[str] = set()
+        self.counters = {"trained": 0, "dropped_stale": 0, "duplicates": 0, "dead_lettered": 0,
+                         "checkpoints": 0, "publishes": 0, "seconds_learn": 0.0, "seconds_wait": 0.0}
+        self.resumed = self._resume()
+        self.pending: list[tuple[str, str]] = []  # trained entries to ack after the next checkpoint
+        self._reclaim_own = True
+        self.publish()
+
+    # -- state ----------------------------------------------------------------------------------
+    def _resume(self) -> bool:
+        from nablagfn.common.models import load_lora_state_dict
+
+        ckpt = load_checkpoint(self.run_dir, self.device)
+        if ckpt is None:
+            return False
+        st = ckpt.state
+        if st.get("run_id") != self.run_id:
+            raise RuntimeError(f"{self.run_dir}/checkpoint belongs to run {st.get('run_id')!r}, not "
+                               f"{self.run_id!r}: use a fresh run_dir or the same run id")
+        load_lora_state_dict(self.pipe.unet, ckpt.lora)
+        if self.models.flow_net is not None:
+            self.models.flow_net.load_state_dict(ckpt.flow)
+            self.models.flow_bar.load_state_dict(ckpt.flow_bar)
+        self.learner.opt.load_state_dict(ckpt.optimizer)
+        self.learner.steps = int(st["optimizer_steps"])
+        self.updates, self.version = int(st["updates"]), int(st["version"])
+        self.seen = set(st["seen"])
+        self.counters.update(st["counters"])
+        return True
+
+    def checkpoint(self) -> None:
+        """Save the checkpoint, then ack the entries trained since the last one."""
+        from nablagfn.common.models import lora_state_dict
+
+        m = self.models
+        state = {"run_id": self.run_id, "updates": self.updates, "version": self.version,
+                 "optimizer_steps": self.learner.steps, "counters": self.counters, "seen": sorted(self.seen)}
+        save_checkpoint(self.run_dir, Checkpoint(
+            lora=lora_state_dict(self.pipe.unet),
+            flow={} if m.flow_net is None else m.flow_net.state_dict(),
+            flow_bar={} if m.flow_bar is None else m.flow_bar.state_dict(),
+            optimizer=self.learner.opt.state_dict(), state=state))
+        self.counters["checkpoints"] += 1
+        self._ack_pending()
+
+    def _ack_pending(self) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in self.pending:
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            self.streams.ack(stream, LEARNER_GROUP, ids)
+        self.pending = []
+
+    def publish(self) -> int:
+        """Publish the current LoRA as the next version; returns it."""
+        from nablagfn.common.models import lora_state_dict
+
+        latest = self.registry.latest_version()
+        new = max(self.version, -1 if latest is None else latest) + 1
+        self.version = self.registry.publish(lora_state_dict(self.pipe.unet), version=new)
+        self.counters["publishes"] += 1
+        return self.version
+
+    # -- data -----------------------------------------------------------------------------------
+    def ready(self) -> dict[str, Any]:
+        return {"version": self.version, "updates": self.updates, "resumed": self.resumed}
+
+    def stop_requested(self) -> bool:
+        return bool(self.streams.conn.call(self.streams.conn.client.exists, self.keys.stop_key))
+
+    def _take(self, n: int) -> list[tuple[str, str, bytes]]:
+        dc = self.cfg.distributed
+        if self._reclaim_own:  # entries a previous incarnation of the learner read but never acked
+            out = []
+            for stream in self.keys.scored_streams:
+                out += [(stream, i, p) for i, p in self.streams.reclaim(stream, LEARNER_GROUP, CONSUMER, 0, count=n)]
+            if out:
+                return out
+            self._reclaim_own = False
+        return self.streams.read_many(self.keys.scored_streams, LEARNER_GROUP, CONSUMER, count=n,
+                                      block_ms=dc.block_ms)
+
+    def _admit(self, stream: str, entry_id: str, payload: bytes, batch_ids: set[str]) -> Optional[ScoredRecord]:
+        """The record if it may be trained now; otherwise it is dead-lettered or acked + counted."""
+        dc = self.cfg.distributed
+        try:
+            rec = ScoredRecord.from_msg(payload, dc.redis.max_record_bytes)
+            check_record(rec, self.cfg, self.schedule.timesteps, self.run_id)
+            if rec.policy_version > self.version:
+                raise RecordError(f"meta.policy_version: {rec.policy_version} is newer than the learner's "
+                                  f"{self.version}")
+        except RecordError as exc:
+            self.streams.dead_letter(stream, LEARNER_GROUP, entry_id, payload, exc.reason)
+            self.counters["dead_lettered"] += 1
+            return None
+        if rec.traj_id in self.seen or rec.traj_id in batch_ids:
+            self.streams.ack(stream, LEARNER_GROUP, entry_id)
+            self.counters["duplicates"] += 1
+            return None
+        if self.version - rec.policy_version > dc.max_policy_lag:
+            self.streams.ack(stream, LEARNER_GROUP, entry_id)
+            self.counters["dropped_stale"] += 1
+            return None
+        return rec
+
+    def collect(self, n: int) -> Optional[list[tuple[str, str, ScoredRecord]]]:
+        """n admissible records (None if the stop key is set first)."""
+        batch: list[tuple[str, str, ScoredRecord]] = []
+        ids: set[str] = set()
+        while len(batch) < n:
+            if self.stop_requested():
+                return None
+            for stream, entry_id, payload in self._take(n - len(batch)):
+                rec = self._admit(stream, entry_id, payload, ids)
+                if rec is not None:
+                    batch.append((stream, entry_id, rec))
+                    ids.add(rec.traj_id)
+        return batch
+
+    # -- training -------------------------------------------------------------------------------
+    def update(self) -> Optional[dict[str, Any]]:
+        """One update (see the module docstring); its metrics, or None if stopped while waiting."""
+        cfg, dc = self.cfg, self.cfg.distributed
+        t0 = time.perf_counter()
+        batch = self.collect(cfg.batch_trajectories)
+        if batch is None:
+            return None
+        t1 = time.perf_counter()
+        records = [rec for _, _, rec in batch]
+        trained_at = self.version
+        logs = self.learner.learn(update_data(records, self.device))
+        t2 = time.perf_counter()
+        self.updates += 1
+        self.seen.update(r.traj_id for r in records)
+        self.pending += [(s, i) for s, i, _ in batch]
+        self.counters["trained"] += len(records)
+        self.counters["seconds_wait"] += t1 - t0
+        self.counters["seconds_learn"] += t2 - t1
+        if self.updates % dc.publish_every == 0:
+            self.publish()
+        if self.updates % dc.checkpoint_every == 0:
+            self.checkpoint()
+        log_r = torch.tensor([r.log_reward for r in records], dtype=torch.float64)
+        lags = [trained_at - r.policy_version for r in records]
+        metrics = {"update": self.updates, "version": self.version, "trained_at_version": trained_at,
+                   "reward_mean": float(log_r.mean()), "reward_std": float(log_r.std(unbiased=False)),
+                   **logs, "lag_mean": sum(lags) / len(lags), "lag_max": max(lags),
+                   "dropped_stale_total": self.counters["dropped_stale"],
+                   "duplicates_total": self.counters["duplicates"],
+                   "dead_lettered_total": self.counters["dead_lettered"],
+                   "seconds_wait": t1 - t0, "seconds_learn": t2 - t1, "seconds": time.perf_counter() - t0,
+                   "traj_ids": [r.traj_id for r in records],
+                   "sampled_versions": [r.policy_version for r in records]}
+        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.streams.conn.call(self.streams.conn.client.xadd, self.keys.metrics_stream,
+                               {b"d": encode(metrics)}, maxlen=METRICS_MAXLEN, approximate=True)
+        return metrics
+
+    def run(self, updates: Optional[int] = None) -> dict[str, Any]:
+        """Updates until `updates` in total (default cfg.updates; a resumed learner counts those it
+        had done) or the stop key; then a final checkpoint. Returns `stats()`."""
+        target = self.cfg.updates if updates is None else updates
+        while self.updates < target:
+            if self.update() is None:
+                break
+        if self.pending:
+            self.checkpoint()
+        return self.stats()
+
+    def finalize(self) -> dict[str, str]:
+        """Write the final LoRA (diffusers format, `lora/`) and g_φ (`flow_net.safetensors`) to the
+        run dir, as the one-process trainer does; returns their paths."""
+        from safetensors.torch import save_file
+
+        from nablagfn.common.models import save_lora_diffusers
+
+        out = {"lora": str(save_lora_diffusers(self.pipe, self.run_dir / "lora"))}
+        flow = self.learner.flow_state_dict()
+        if flow:
+            save_file(flow, str(self.run_dir / "flow_net.safetensors"))
+            out["flow_net"] = str(self.run_dir / "flow_net.safetensors")
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"actor": CONSUMER, "updates": self.updates, "version": self.version,
+                "optimizer_steps": self.learner.steps, **self.counters, "resumed": self.resumed}
+
+    def close(self) -> None:
+        self.streams.close()

