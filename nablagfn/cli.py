@@ -51,9 +51,36 @@ def _load_errors() -> tuple:
     return (ConfigError, ModelLoadError, PromptError, RewardError)
 
 
+DEFAULT_TRAIN_PRESET = "tiny"  # `nablagfn train` with neither --preset nor --config: the CPU demo
+
+
+def _train_distributed(args) -> int:
+    from nablagfn.driver import DriverError, train_distributed
+
+    errors = _load_errors()
+    try:
+        cfg = _train_config(args)
+        summary = train_distributed(cfg, redis_url=args.redis_url, ray_address=args.ray_address,
+                                    print_table=cfg.progress)
+    except errors + (DriverError,) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    brief = {k: summary[k] for k in ("mode", "updates", "seed", "reward", "reward_first", "reward_last",
+                                     "reward_gain", "lag_max", "dead_letters", "optimizer_steps",
+                                     "wall_seconds", "learner_busy_fraction")}
+    brief["final_version"] = summary["learner"]["version"]
+    brief["run_dir"] = str(cfg.run_dir)
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
 def _train(args) -> int:
     from nablagfn.learner.local_trainer import LocalTrainer
 
+    if args.preset is None and args.config is None:
+        args.preset = DEFAULT_TRAIN_PRESET
+    if args.mode == "distributed":
+        return _train_distributed(args)
     errors = _load_errors()
     try:
         cfg = _train_config(args)
@@ -171,9 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     step.set_defaults(func=_bench_step, updates=None, no_progress=True)
 
     train = sub.add_parser("train", help="fine-tune a diffusion model with residual nabla-DB")
-    train.add_argument("--mode", choices=["local"], default="local",
-                       help="local: everything in this process (the distributed mode comes later)")
-    train.add_argument("--preset", help="a preset name or YAML path")
+    train.add_argument("--mode", choices=["distributed", "local"], default="distributed",
+                       help="distributed: Ray sampler actors, reward workers and a learner over Redis "
+                            "Streams (default); local: everything in this process, for debugging")
+    train.add_argument("--redis-url", dest="redis_url",
+                       help="redis:// or rediss:// URL (default: an embedded server in the run dir)")
+    train.add_argument("--ray-address", dest="ray_address",
+                       help="Ray cluster address host:port or ray://host:port (default: a local runtime)")
+    train.add_argument("--preset", help=f"a preset name or YAML path (default {DEFAULT_TRAIN_PRESET} "
+                                        "when no --config is given)")
     train.add_argument("--config", help="YAML file with TrainConfig fields (over the preset)")
     train.add_argument("--reward", help="reward name (reward.name)")
     train.add_argument("--updates", type=int)
