@@ -7,7 +7,8 @@ One step:
 2. decode and validate each (size limit before decoding, schema, shapes, dtypes, finite values);
    a bad one goes to the dead-letter stream with its reason and the worker carries on;
 3. decode every query's x̂₀ and each final latent through the VAE in float32 and take log R and
-   ∇_{x̂₀} log R (rewards_service/rewards `log_reward_and_grad`, `reward.chunk_size` per pass);
+   ∇_{x̂₀} log R (`VaeRewardScorer`: rewards_service/rewards `log_reward_and_grad`,
+   `reward.chunk_size` per pass; a testbed without a VAE passes its own scorer);
 4. a record any of whose rewards or gradients is not finite is dead-lettered ("non-finite
    reward ...") and counted, never passed on; the others become `ScoredRecord`s (query_x0 left
    out: the learner recomputes x̂₀) XADDed to `stream:scored`, waiting while it is full;
@@ -17,7 +18,7 @@ Nothing is kept between messages but counters, so any number of workers can shar
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,13 +35,33 @@ def worker_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class RewardWorker:
-    """Scores trajectory records (see the module docstring)."""
+class VaeRewardScorer:
+    """log R and ∇ log R of latents through the pipeline's VAE decoder in float32 and the configured
+    reward (`log_reward_and_grad`, reward.chunk_size rows per pass)."""
 
-    def __init__(self, cfg: TrainConfig, index: int, redis_url: str, cache_dir: Optional[str] = None):
+    def __init__(self, cfg: TrainConfig, device: torch.device, cache_dir: Optional[str] = None):
         from nablagfn.common.models import load_pipeline
         from nablagfn.rewards_service.rewards import build_reward
 
+        pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=device)
+        self.vae = pipe.vae.float()  # rewards in float32 (ALGORITHM.md §2); the rest is dropped
+        del pipe
+        self.reward = build_reward(cfg.reward, device)
+        self.chunk = cfg.reward.chunk_size
+
+    def __call__(self, latents: torch.Tensor, prompts: list[str]):
+        from nablagfn.rewards_service.rewards import log_reward_and_grad
+
+        return log_reward_and_grad(latents, self.vae, self.reward, prompts, chunk=self.chunk)
+
+
+class RewardWorker:
+    """Scores trajectory records (see the module docstring). `scorer(latents (R, *S) float32,
+    prompts) -> (log_r (R,), grad (R, *S), valid (R,) bool)` defaults to `VaeRewardScorer`; a
+    testbed without a VAE (the GMM benchmark) passes its own."""
+
+    def __init__(self, cfg: TrainConfig, index: int, redis_url: str, cache_dir: Optional[str] = None,
+                 scorer: Optional[Callable] = None):
         validate(cfg)
         self.cfg, self.index = cfg, int(index)
         self.name = f"reward-{self.index}"
@@ -52,10 +73,7 @@ class RewardWorker:
         self.streams = StreamClient.from_config(dc.redis, redis_url)
         for stream in self.keys.traj_streams:
             self.streams.ensure_group(stream, REWARD_GROUP)
-        pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
-        self.vae = pipe.vae.float()  # rewards in float32 (ALGORITHM.md §2); the rest is dropped
-        del pipe
-        self.reward = build_reward(cfg.reward, self.device)
+        self.scorer = scorer if scorer is not None else VaeRewardScorer(cfg, self.device, cache_dir)
         self.counters = {"read": 0, "scored": 0, "dead_lettered": 0, "non_finite": 0, "reclaimed": 0,
                          "seconds_scoring": 0.0, "seconds_paused": 0.0}
 
@@ -93,8 +111,6 @@ class RewardWorker:
 
     def score(self, records: list[TrajectoryRecord]) -> list[Optional[ScoredRecord] | str]:
         """A ScoredRecord per record, or the reason it cannot be trained on (non-finite reward)."""
-        from nablagfn.rewards_service.rewards import log_reward_and_grad
-
         latents, prompts, spans = [], [], []
         for rec in records:
             x0 = rec.tensors.get("query_x0")
@@ -106,11 +122,10 @@ class RewardWorker:
             prompts += [rec.meta["prompt"]] * block.shape[0]
         if not records:
             return []
-        res = log_reward_and_grad(torch.cat(latents), self.vae, self.reward, prompts,
-                                  chunk=self.cfg.reward.chunk_size)
-        log_r = res.log_r.detach().float().cpu()
-        grad = res.grad.detach().float().cpu()
-        valid = res.valid.cpu()
+        res_log_r, res_grad, res_valid = self.scorer(torch.cat(latents), prompts)
+        log_r = res_log_r.detach().float().cpu()
+        grad = res_grad.detach().float().cpu()
+        valid = res_valid.cpu() & torch.isfinite(log_r) & torch.isfinite(grad).flatten(1).all(1)
         out: list[Optional[ScoredRecord] | str] = []
         start = 0
         for rec, n in zip(records, spans):

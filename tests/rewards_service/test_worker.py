@@ -110,14 +110,14 @@ def test_worker_scores_dead_letters_and_keeps_going(tiny_dir, tmp_path, server):
     for s, src in zip(scored, good[:2]):
         assert "query_x0" not in s.tensors and s.meta["reward_name"] == "test_worker_poison_nan"
         rows = torch.cat([src.tensors["query_x0"], src.tensors["final"][None]])
-        ref = log_reward_and_grad(rows, worker.vae, worker.reward, [src.meta["prompt"]] * rows.shape[0], chunk=2)
+        ref = log_reward_and_grad(rows, worker.scorer.vae, worker.scorer.reward, [src.meta["prompt"]] * rows.shape[0], chunk=2)
         # Tolerance 1e-5 relative: the same float32 VAE and reward, other batch compositions
         # (float32 summation order only).
         torch.testing.assert_close(s.tensors["query_log_r"], ref.log_r[:-1].float(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(s.tensors["query_grad"], ref.grad[:-1].float(), rtol=1e-5, atol=1e-9)
         assert abs(s.log_reward - float(ref.log_r[-1])) <= 1e-5 * abs(float(ref.log_r[-1]))
         torch.testing.assert_close(s.tensors["grad_final"], ref.grad[-1].float(), rtol=1e-5, atol=1e-9)
-    assert next(worker.vae.parameters()).dtype == torch.float32
+    assert next(worker.scorer.vae.parameters()).dtype == torch.float32
     worker.close()
     client.close()
 
