@@ -121,21 +121,28 @@ def _bench_step(args) -> int:
 
 def _bench_gmm(args) -> int:
     from nablagfn.bench.gmm.bench import run_gmm_bench
-    from nablagfn.bench.gmm.run import GMMBenchConfig
+    from nablagfn.bench.gmm.baselines import METHOD_DEFAULTS, GMMMethodsConfig
+    from nablagfn.common.config import METHODS
     from nablagfn.bench.gmm.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.spec)
         layers = [load_yaml(args.config)] if args.config else []
-        cli = {"method": args.method}
+        cli = {}
         if args.seed is not None:
             cli["seed"] = args.seed
         if args.updates is not None:
             cli["updates"] = args.updates
-        cfg = build_config(GMMBenchConfig, *layers, cli, overrides=args.overrides)
+        methods = list(METHODS) if args.method == "all" else [args.method]
+        # per-method defaults (baselines.METHOD_DEFAULTS) <- --config <- flags <- the method <- overrides
+        cfgs = {m: build_config(GMMMethodsConfig, METHOD_DEFAULTS.get(m, {}), *layers, cli, {"method": m},
+                                overrides=args.overrides) for m in methods}
     except (SpecError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.method == "all":
+        return _bench_gmm_all(spec, cfgs, args)
+    cfg = cfgs[args.method]
     summary = run_gmm_bench(spec, cfg, args.out, progress=not args.no_progress)
     brief = {k: summary[k] for k in ("spec", "method", "seed", "tv", "mean_log_reward", "target_mean_log_reward",
                                       "updates", "wall_seconds", "flow_error")}
@@ -171,6 +178,24 @@ def _eval(args) -> int:
     return 0
 
 
+def _bench_gmm_all(spec, cfgs: dict, args) -> int:
+    """`--method all`: each method once into OUT/<method>/, one table, OUT/comparison.json."""
+    from nablagfn.bench.gmm.baselines import comparison_row, format_table
+    from nablagfn.bench.gmm.bench import run_gmm_bench
+
+    out = Path(args.out)
+    rows, refs = [], {}
+    for method, cfg in cfgs.items():
+        summary = run_gmm_bench(spec, cfg, out / method, progress=not args.no_progress)
+        rows.append(comparison_row(summary))
+        refs = {"pretrained": summary["pretrained"], "exact_flow": summary["exact_flow"]}
+    comparison = {"spec": spec.name, "methods": rows, **refs}
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    print(format_table(rows, refs))
+    print(f"written: {out / 'comparison.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nablagfn", description=__doc__,
                                      epilog="Config overrides: append dotted key=value pairs, e.g. objective.gamma=squared")
@@ -180,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     gmm = bench_sub.add_parser("gmm", help="the exact Gaussian-mixture benchmark (ALGORITHM.md §5)")
     gmm.add_argument("--spec", required=True, help="spec JSON (shared/benchmarks/README.md)")
-    gmm.add_argument("--method", default="residual-nabla-db")
+    from nablagfn.common.config import METHODS
+    gmm.add_argument("--method", default="residual-nabla-db", choices=[*METHODS, "all"],
+                     help="the objective, or all: each method once and a comparison table")
     gmm.add_argument("--out", required=True, help="output directory")
     gmm.add_argument("--seed", type=int)
     gmm.add_argument("--updates", type=int)
