@@ -62,9 +62,21 @@ class NablaDBConfig:
     # where the forward loss evaluates ∇log F̃: at the sampled x' (the paper), or at the pretrained
     # mean μ#(x) (deterministic target; its fixed point is the h-transform mean shift σ²∇log F̃(μ#))
     forward_point: Literal["sample", "pretrained_mean"] = "sample"
+    # g_φ as the x-gradient of a scalar potential Φ (log F̃ = β γ_t log R(x̂₀) + Φ), and the weight of
+    # the log-space residual DB term on it (0 = off) with the λ of its λ-return target
+    flow_potential: bool = False
+    value_loss_scale: float = 0.0
+    value_lambda: float = 1.0
+    value_fit: Literal["mean", "log_mean_exp"] = "log_mean_exp"  # squared error (E[V]) or log E[e^V]
 
     def validate(self) -> None:
         require(self.reward_scale > 0, "reward_scale", "β must be > 0")
+        require(self.value_loss_scale >= 0, "value_loss_scale", "must be >= 0")
+        require(0 <= self.value_lambda <= 1, "value_lambda", "must be in [0, 1]")
+        require(self.value_loss_scale == 0 or self.flow_potential, "value_loss_scale",
+                "needs flow_potential=true (the value term fits the scalar potential Φ)")
+        require(not self.flow_potential or self.flow_output == "score", "flow_potential",
+                "needs flow_output=score (g_φ = ∇Φ is a score)")
         require(self.pretrained_strength > 0, "pretrained_strength", "η must be > 0")
         require(0 < self.target_flow_tau <= 1, "target_flow_tau", "must be in (0, 1]")
         require(0 <= self.stein_lambda <= 1, "stein_lambda", "must be in [0, 1]")

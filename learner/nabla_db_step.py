@@ -37,7 +37,7 @@ from nablagfn.common.trajectories import Trajectories
 from .objectives.flow_param import flow_guess, flow_value
 from .objectives.nabla_db import Nets, TransitionBatch, nabla_db_loss, stein_lambda_targets
 
-LOSS_TERMS = ("forward", "backward", "terminal", "regulariser", "loss")
+LOSS_TERMS = ("forward", "backward", "terminal", "value", "regulariser", "loss")
 
 
 class PolicyModels(PolicyCallables):

@@ -9,7 +9,16 @@ differentiated w.r.t. x' and x, with η (pretrained_strength) on the pretrained 
        T = J_μ#(x)ᵀ ∇log F̄(x')                          "stein" (policy-free, §2a item 3)
        T = λ-return of Stein targets along the trajectory  "stein_lambda" (see stein_lambda_targets)
   terminal  ‖g_φ(x_N)‖²                          (anchor; plus the backward term on the last step)
+  value     r_v = log F̃(x) − V(x)   (optional; needs g_φ = ∇_x Φ, a scalar potential; see below)
   regulariser  λ ‖ε_θ(x) − ε_behaviour(x)‖²
+
+The value term is residual DB itself, in log space, on the same flow: log F̃(x_t) = β γ_t log R(x̂₀(x_t))
++ Φ(x_t, t), whose x-gradient is the guess + g_φ above. Its target V is the λ-return of the log-ratios
+ℓ_s = log P_θ(x_{s+1}|x_s) − η log P#(x_{s+1}|x_s) along the sampled trajectory (log_flow_targets),
+V(x_N) = β log R(x_N). Why: gradient targets carry only local information, and the split of mass
+between far-apart reward modes lives in log F̃ differences that a pathwise gradient sees only through
+rare paths near a basin boundary; the log-space target sees it in every path's log R. At P_θ = P*
+the full-horizon (λ = 1) target is exact path by path (ℓ telescopes to log F̃(x_N) − log F̃(x_t)).
 
 with ∇log F̃(x) = guess(x) + g_φ(x) (flow_param.py), ∇log F̃(x_N) = β ∇log R(x_N) exactly, and F̄ the
 Polyak-averaged g_φ inside targets. Units: "score" = the raw residuals above (the authors' form);
@@ -57,6 +66,9 @@ class TransitionBatch:
     fwd_point: Optional[torch.Tensor] = None
     fwd_guess: Optional[torch.Tensor] = None
     fwd_terminal_flow: Optional[torch.Tensor] = None
+    # value term: V(x) (log_flow_targets) and the guess's value β γ_t log R(x̂₀(x)) per row
+    log_flow_target: Optional[torch.Tensor] = None
+    guess_value: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -68,6 +80,7 @@ class Nets:
     pretrained_eps: EpsFn
     flow: EpsFn
     target_flow: EpsFn
+    potential: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # Φ(x, idx) (B,)
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -138,9 +151,63 @@ def nabla_db_loss(batch: TransitionBatch, nets: Nets, cfg: NablaDBConfig, sample
         terms["backward"] = cfg.reverse_loss_scale * _msq(r_bwd, weight)
         terms["terminal"] = terminal_loss(batch, nets, cfg) if cfg.terminal_loss else torch.zeros((), dtype=x.dtype)
 
+    terms["value"] = value_loss(batch, nets, cfg) if cfg.value_loss_scale > 0 else torch.zeros((), dtype=x.dtype)
     terms["regulariser"] = cfg.unet_reg_scale * _msq(eps_pol - batch.eps_behaviour.to(eps_pol.dtype))
-    terms["loss"] = terms["forward"] + terms["backward"] + terms["terminal"] + terms["regulariser"]
+    terms["loss"] = terms["forward"] + terms["backward"] + terms["terminal"] + terms["value"] + terms["regulariser"]
     return terms
+
+
+def value_loss(batch: TransitionBatch, nets: Nets, cfg: NablaDBConfig) -> torch.Tensor:
+    """value_loss_scale · mean (β γ_t log R(x̂₀(x)) + Φ(x, t) − V(x))², in nats² per row."""
+    if nets.potential is None or batch.log_flow_target is None or batch.guess_value is None:
+        raise ValueError("value_loss_scale > 0 needs a scalar potential flow (flow_potential) and "
+                         "batch.log_flow_target / batch.guess_value (see log_flow_targets)")
+    r_v = batch.guess_value + nets.potential(batch.x, batch.step_idx) - batch.log_flow_target.detach()
+    if cfg.value_fit == "log_mean_exp":
+        return cfg.value_loss_scale * 2 * log_mean_exp_loss(-r_v).mean()
+    return cfg.value_loss_scale * r_v.pow(2).mean()
+
+
+def log_mean_exp_loss(r: torch.Tensor, clip: float = 4.0) -> torch.Tensor:
+    """e^r − r − 1 for r = V − log F̃ (≈ r²/2 near 0), linear in r beyond `clip` to bound the gradient.
+
+    Its expectation is minimised where E[e^V | x] = F̃(x), i.e. log F̃ = log E[exp V], not E[V]: the
+    Monte-Carlo V = β log R(x_N) − Σ ℓ along a P_θ path has E[e^V | x_t] = E_{P_θ}[P# R^β / P_θ] =
+    F̃(x_t) exactly (importance weighting), while E[V] = log F̃ − KL(P_θ ‖ P*), which is lower where the
+    policy is worse and so pulls the flow towards the modes the policy already serves.
+    """
+    over = (r - clip).clamp_min(0)
+    return torch.exp(r.clamp_max(clip)) * (1 + over) - r - 1
+
+
+def log_ratio(x_next: torch.Tensor, mean_policy: torch.Tensor, mean_pre: torch.Tensor, std: torch.Tensor,
+              eta_p: float) -> torch.Tensor:
+    """ℓ = log P_θ(x'|x) − η log P#(x'|x) per row, without the x-independent Gaussian constants
+    (equal σ: ‖x' − μ#‖²·η/(2σ²) − ‖x' − μ_θ‖²/(2σ²)); the constants only shift log F̃ per step."""
+    var = std**2
+    q_pol = ((x_next - mean_policy) ** 2 / var).flatten(1).sum(1)
+    q_pre = ((x_next - mean_pre) ** 2 / var).flatten(1).sum(1)
+    return 0.5 * (eta_p * q_pre - q_pol)
+
+
+def log_flow_targets(log_ratios: torch.Tensor, terminal_value: torch.Tensor, bootstrap: torch.Tensor,
+                     lam: float) -> torch.Tensor:
+    """λ-return targets V_i for log F̃(x_i), i = 0 … N−1, along whole trajectories (detached).
+
+        V_N = β log R(x_N),   V_i = −ℓ_i + (1 − λ) log F̄(x_{i+1}) + λ V_{i+1}
+
+    (residual DB: log F̃(x) = log F̃(x') − ℓ). log_ratios (B, N): ℓ_i of step i → i+1; terminal_value
+    (B,); bootstrap (B, N+1): log F̄ at every state (guess value + Polyak Φ; column N unused).
+    λ = 1 is the Monte-Carlo target β log R(x_N) − Σ_{s≥i} ℓ_s. Returns (B, N).
+    """
+    B, N = log_ratios.shape
+    out = torch.empty_like(log_ratios)
+    v_next = terminal_value
+    for i in range(N - 1, -1, -1):
+        nxt = v_next if i + 1 == N else (1 - lam) * bootstrap[:, i + 1] + lam * v_next
+        v_next = -log_ratios[:, i] + nxt
+        out[:, i] = v_next
+    return out.detach()
 
 
 def backward_target(batch: TransitionBatch, nets: Nets, cfg: NablaDBConfig, sampler: str, eta: float,

@@ -22,7 +22,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimeMLP(nn.Module):
     """out = MLP([x, emb(t)]), last layer zero-initialised."""
 
-    def __init__(self, dim: int, hidden: int = 256, layers: int = 3, emb_dim: int = 64):
+    def __init__(self, dim: int, hidden: int = 256, layers: int = 3, emb_dim: int = 64, out_dim: int | None = None):
         super().__init__()
         self.emb_dim = emb_dim
         self.time = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -31,7 +31,7 @@ class TimeMLP(nn.Module):
         for _ in range(layers - 1):
             body += [nn.SiLU(), nn.Linear(hidden, hidden)]
         self.body = nn.Sequential(*body, nn.SiLU())
-        self.out = nn.Linear(hidden, dim)
+        self.out = nn.Linear(hidden, dim if out_dim is None else out_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

@@ -20,8 +20,9 @@ from nablagfn.common.prediction import x0_from_eps
 from nablagfn.common.samplers import get_transition
 from nablagfn.common.schedule import SD_SCHEDULER_CONFIG, SamplingSchedule, make_schedule
 from nablagfn.common.subsample import subsample_steps
-from nablagfn.learner.objectives.flow_param import flow_guess, flow_value
-from nablagfn.learner.objectives.nabla_db import Nets, TransitionBatch, nabla_db_loss, stein_lambda_targets
+from nablagfn.learner.objectives.flow_param import flow_guess, flow_value, gamma_t
+from nablagfn.learner.objectives.nabla_db import (Nets, TransitionBatch, log_flow_targets, log_ratio,
+                                                  nabla_db_loss, stein_lambda_targets)
 
 from . import exact
 from .models import TimeMLP
@@ -35,6 +36,7 @@ class GMMBenchConfig:
     """Defaults: what measured best on the public specs (see the issue notes)."""
 
     method: str = "residual-nabla-db"
+    model_family: str = "ddpm"  # "ddpm", or "flow": a rectified-flow pretrained model (flow_problem.py)
     seed: int = 0
     updates: int = 4000
     batch_trajectories: int = 64
@@ -124,7 +126,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         d = problem.spec.dim
         self.residual = TimeMLP(d, cfg.hidden, cfg.layers, cfg.emb_dim)
-        self.flow = TimeMLP(d, cfg.hidden, cfg.layers, cfg.emb_dim)
+        # g_φ: a vector field, or (objective.flow_potential) the x-gradient of a scalar potential Φ
+        self.flow = TimeMLP(d, cfg.hidden, cfg.layers, cfg.emb_dim, out_dim=1 if cfg.objective.flow_potential else d)
         self.flow_bar = copy.deepcopy(self.flow).requires_grad_(False)
         o = cfg.optim
         self.opt = torch.optim.AdamW([
@@ -148,10 +151,57 @@ class Trainer:
             g = exact.grad_log_flow(p.spec, st.mean.double(), p.schedule.alpha_bar[idx + 1]).to(x.dtype)
         return eps + (st.std**2 / st.eps_coef * g).detach() + 0 * self.residual(x, p.state_t[idx])
 
+    def raw_flow(self, net, x, idx, create_graph: bool = False):
+        """g_φ's output at (x, state idx): the net itself, or ∇_x Φ for a scalar potential."""
+        t = self.p.state_t[idx]
+        if not self.cfg.objective.flow_potential:
+            return net(x, t)
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(net(z, t).sum(), z, create_graph=create_graph)
+        return g
+
+    def potential(self, net, x, idx):
+        return net(x, self.p.state_t[idx]).squeeze(-1)
+
     def nets(self) -> Nets:
-        t = self.p.state_t
+        pot = (lambda x, i: self.potential(self.flow, x, i)) if self.cfg.objective.flow_potential else None
         return Nets(policy_eps=self.policy_eps, pretrained_eps=self.p.pretrained_eps,
-                    flow=lambda x, i: self.flow(x, t[i]), target_flow=lambda x, i: self.flow_bar(x, t[i]))
+                    flow=lambda x, i: self.raw_flow(self.flow, x, i, create_graph=True),
+                    target_flow=lambda x, i: self.raw_flow(self.flow_bar, x, i), potential=pot)
+
+    def x0_fn(self, idx):
+        """z ↦ x̂₀(z) of the guess's source model at state idx."""
+        if self.cfg.objective.guess_x0_source == "pretrained":
+            return lambda z: self.p.pretrained_x0(z, idx)
+        a = self.p.alpha_bar[idx]
+        return lambda z: x0_from_eps(self.policy_eps(z, idx), z, a)
+
+    @torch.no_grad()
+    def guess_value(self, x, idx):
+        """β γ_t log R(x̂₀(x)): the value whose x-gradient is the guess (0 for guess_x0_source=none)."""
+        ob = self.cfg.objective
+        if ob.guess_x0_source == "none":
+            return torch.zeros(x.shape[0], dtype=x.dtype)
+        g = gamma_t(self.p.alpha_bar[idx], ob.gamma)
+        return ob.reward_scale * g * exact.log_reward(self.p.spec, self.x0_fn(idx)(x).double()).to(x.dtype)
+
+    @torch.no_grad()
+    def value_targets(self, states, eps_beh, xN_log_r):
+        """(B, N) λ-return targets for log F̃ at states 0 … N−1 (objective.value_lambda)."""
+        p, ob = self.p, self.cfg.objective
+        B, N = eps_beh.shape[:2]
+        ell = torch.empty(B, N, dtype=states.dtype)
+        boot = torch.zeros(B, N + 1, dtype=states.dtype)
+        for i in range(N):
+            idx = torch.full((B,), i, dtype=torch.long)
+            x, x_next = states[:, i], states[:, i + 1]
+            pol = p.step(x, eps_beh[:, i], i)
+            pre = p.step(x, p.pretrained_eps(x, idx), i)
+            ell[:, i] = log_ratio(x_next, pol.mean, pre.mean, pre.std, ob.pretrained_strength)
+            if ob.value_lambda < 1:
+                boot[:, i] = self.guess_value(x, idx) + self.potential(self.flow_bar, x, idx)
+        return log_flow_targets(ell, ob.reward_scale * xN_log_r, boot, ob.value_lambda)
 
     def guess(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """β γ_t ∇_x log R(x̂₀(x)) with x̂₀ from the configured model (detached)."""
@@ -161,10 +211,7 @@ class Trainer:
         if ob.guess_x0_source == "none":
             return torch.zeros_like(x)
         a = self.p.alpha_bar[idx]
-        if ob.guess_x0_source == "pretrained":
-            x0_fn = lambda z: self.p.pretrained_x0(z, idx)  # noqa: E731
-        else:
-            x0_fn = lambda z: x0_from_eps(self.policy_eps(z, idx), z, a)  # noqa: E731
+        x0_fn = self.x0_fn(idx)
         with torch.no_grad():
             x0 = x0_fn(x)
         grad_x0 = exact.grad_log_reward(self.p.spec, x0)
@@ -172,7 +219,7 @@ class Trainer:
 
     def flow_estimate(self, x, idx, net=None):
         net = net or self.flow
-        return flow_value(net(x, self.p.state_t[idx]), self.guess(x, idx), self.p.alpha_bar[idx],
+        return flow_value(self.raw_flow(net, x, idx), self.guess(x, idx), self.p.alpha_bar[idx],
                           self.cfg.objective.flow_output)
 
     # -- one update -----------------------------------------------------------------------------
@@ -195,6 +242,10 @@ class Trainer:
             T = stein_lambda_targets(states, p.alpha_bar, p.pretrained_eps, flow_bar_fn, terminal,
                                      ob.stein_lambda, p.sampler.kind, p.sampler.eta, first_step=first)
             stein_target = T[rows, idx - first]
+        value = {}
+        if ob.value_loss_scale > 0:
+            V = self.value_targets(states, eps_beh, exact.log_reward(p.spec, xN.double()).to(xN.dtype))
+            value = {"log_flow_target": V[rows, idx], "guess_value": self.guess_value(x, idx)}
         fwd = {}
         if ob.forward_point == "pretrained_mean":
             with torch.no_grad():
@@ -205,7 +256,7 @@ class Trainer:
         batch = TransitionBatch(
             x=x, x_next=x_next, step_idx=idx, alpha_bar_t=p.alpha_bar[idx], alpha_bar_next=p.alpha_bar[idx + 1],
             is_last=idx == N - 1, eps_behaviour=eps_beh[rows, idx], guess=self.guess(x, idx),
-            guess_next=self.guess(x_next, idx + 1), terminal_flow=terminal[rows], stein_target=stein_target, **fwd)
+            guess_next=self.guess(x_next, idx + 1), terminal_flow=terminal[rows], stein_target=stein_target, **fwd, **value)
         terms = nabla_db_loss(batch, self.nets(), ob, p.sampler.kind, p.sampler.eta)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
