@@ -30,8 +30,8 @@ FULL_SIZE_PRESETS = {("sd15-random", "sd"): build_sd15_random}
 
 PIPELINE_CLASSES: dict[str, str | None] = {
     "sd": "StableDiffusionPipeline",
-    "sdxl": None,  # not supported yet: needs pooled text embeds and added time ids in the Denoiser
-    "sd3": None,  # not supported yet: a transformer with flow matching, not a UNet with ε
+    "sdxl": "StableDiffusionXLPipeline",  # pooled text + added time ids: text_conditioning.py
+    "sd3": "StableDiffusion3Pipeline",  # loaded as sd3_pipeline.SD3Pipeline (unet = its transformer)
     "pixel": "DDPMPipeline",  # an unconditional UNet2DModel on pixels (common/models/pixel.py)
 }
 """Model family → diffusers pipeline class name; None = a known family not supported yet."""
@@ -51,6 +51,10 @@ def pipeline_class(family: str):
         from .pixel import PixelDiffusionPipeline
 
         return PixelDiffusionPipeline
+    if family == "sd3":  # a StableDiffusion3Pipeline folder; `unet` names its flow-matching transformer
+        from .sd3_pipeline import SD3Pipeline
+
+        return SD3Pipeline
     if family not in PIPELINE_CLASSES:
         raise ModelLoadError(f"unknown model family {family!r}; known: {sorted(PIPELINE_CLASSES)}")
     name = PIPELINE_CLASSES[family]
@@ -142,6 +146,10 @@ def resolve_pretrained(cfg: ModelConfig, cache_dir: str | Path | None = None) ->
                              "diffusers pipeline folder (save one with pipe.save_pretrained)")
     found = json.loads(index.read_text()).get("_class_name")
     expected = PIPELINE_CLASSES.get(cfg.family)
+    other = {v: k for k, v in PIPELINE_CLASSES.items() if v}.get(found)
+    if expected and found and found != expected and other is not None:  # another known family's folder
+        raise ModelLoadError(f"model.pretrained={str(path)!r} holds a {found} (model family {other!r}), "
+                             f"not a {expected}: set model.family={other} (got {cfg.family!r})")
     if expected and found and found != expected:
         warnings.warn(f"{path} holds a {found}, loading it as {expected} (model.family="
                       f"{cfg.family!r})", stacklevel=3)

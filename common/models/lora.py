@@ -113,17 +113,21 @@ def load_lora_state_dict(unet, state_dict: dict[str, torch.Tensor],
 def save_lora_diffusers(pipe_or_unet, out_dir: str | Path, adapter_name: str = ADAPTER) -> Path:
     """Write the adapter so that `<Pipeline>.load_lora_weights(out_dir)` reproduces the policy.
 
-    Uses the pipeline's own `save_lora_weights` (StableDiffusionPipeline's for a bare UNet) with the
-    adapter metadata (rank, alpha, targets), which the loader needs to rebuild the same scaling.
+    Uses the pipeline's own `save_lora_weights` (StableDiffusionPipeline's for a bare UNet,
+    StableDiffusion3Pipeline's for a bare SD3 transformer) with the adapter metadata (rank, alpha,
+    targets), which the loader needs to rebuild the same scaling.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     is_pipe = hasattr(pipe_or_unet, "save_lora_weights")
-    saver = type(pipe_or_unet) if is_pipe else StableDiffusionPipeline
+    is_transformer = hasattr(unet.config, "joint_attention_dim")  # SD3's MMDiT
+    saver = type(pipe_or_unet) if is_pipe else (StableDiffusion3Pipeline if is_transformer else StableDiffusionPipeline)
     _require_adapter(unet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    saver.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet, adapter_name),
-                            unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict())
+    # SD3-style pipelines name the network "transformer" (keys "transformer.<peft key>"), the rest "unet"
+    name = "transformer" if "transformer" in getattr(saver, "_lora_loadable_modules", ()) else "unet"
+    saver.save_lora_weights(out_dir, **{f"{name}_lora_layers": lora_state_dict(unet, adapter_name),
+                                        f"{name}_lora_adapter_metadata": unet.peft_config[adapter_name].to_dict()})
     return out_dir

@@ -108,8 +108,21 @@ def _build_tiny_pixel(out_dir: Path) -> None:
     build_tiny_pixel(out_dir)
 
 
-TINY_BUILDERS: dict[str, Callable[[Path], None]] = {"sd": _build_tiny_sd, "pixel": _build_tiny_pixel}
-"""family → builder writing a complete pipeline folder. Add "sdxl" / "sd3" here."""
+def _build_tiny_sdxl(out_dir: Path) -> None:
+    from .tiny_sdxl import build_tiny_sdxl
+
+    build_tiny_sdxl(out_dir)
+
+
+def _build_tiny_sd3(out_dir: Path) -> None:
+    from .tiny_sd3 import build_tiny_sd3
+
+    build_tiny_sd3(out_dir)
+
+
+TINY_BUILDERS: dict[str, Callable[[Path], None]] = {"sd": _build_tiny_sd, "pixel": _build_tiny_pixel,
+                                                    "sdxl": _build_tiny_sdxl, "sd3": _build_tiny_sd3}
+"""family → builder writing a complete pipeline folder (tiny_sdxl.py, tiny_sd3.py, pixel.py)."""
 
 
 def build_tiny_pipeline(family: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -50,8 +50,8 @@ def test_hub_id_not_available_offline(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_unsupported_families_say_so(family, tiny_sd_dir):
-    with pytest.raises(ModelLoadError, match="not supported yet"):
+def test_a_folder_of_another_family_says_which(family, tiny_sd_dir):
+    with pytest.raises(ModelLoadError, match="model.family=sd "):
         load_pipeline(ModelConfig(pretrained=str(tiny_sd_dir), family=family))
 
 
