@@ -1,20 +1,26 @@
 """`LearnerActor`: consumes scored records, trains the LoRA policy and g_φ, publishes LoRA versions.
 
-Versions: at start the learner publishes its current LoRA as a new version (0 on a fresh run,
+Two parts: `StreamLearner`, the transport side (what to train on, versions, acks, checkpoints —
+independent of the model), and a model object that trains (`DiffusionLearnerModel` here: the
+diffusion policy with `NablaDBLearner`; the GMM testbed brings its own). `LearnerActor` is the
+two together for the diffusion path.
+
+Versions: at start the learner publishes its current policy as a new version (0 on a fresh run,
 latest + 1 on a restart), so every sampler begins from the learner's exact weights, and again
 after every `publish_every` updates. `version` is the last published one.
 
-One update (`update`):
-1. collect `batch_trajectories` records from `stream:scored` (group `learner`; at start, entries a
+One update (`StreamLearner.update`):
+1. collect `batch_size` records from `stream:scored` (group `learner`; at start, entries a
    previous incarnation left pending are reclaimed first). Each record is decoded and validated
-   (schema, sizes, finite values), then checked against this run (`record_batch.check_record`);
-   a bad one is dead-lettered with the reason. A record whose traj_id was already trained on (or is
+   (schema, sizes, finite values), then checked against this run and model (`model.check`); a bad
+   one is dead-lettered with the reason. A record whose traj_id was already trained on (or is
    already in the batch) is a redelivery: acked and counted, never trained twice. A record sampled
    more than `max_policy_lag` versions ago (version − policy_version > max_policy_lag) is acked,
    dropped and counted. So every trained record satisfies policy_version ≥ version − max_policy_lag.
-2. rebuild the UpdateData (`record_batch.update_data`) and run `NablaDBLearner.learn` — the same
-   update as the one-process trainer, with the chain rule to x_t and the Stein targets done here.
-3. publish every `publish_every` updates; checkpoint every `checkpoint_every` updates (LoRA, g_φ,
+2. `model.train(records)`: for the diffusion path `record_batch.update_data` + `NablaDBLearner.learn`
+   — the same update as the one-process trainer, with the chain rule to x_t and the Stein targets
+   computed here.
+3. publish every `publish_every` updates; checkpoint every `checkpoint_every` updates (policy, g_φ,
    its Polyak copy, optimizer, version, counters, seen ids) and only then XACK the trained entries:
    after a crash, what was not checkpointed is redelivered and trained again from the restored
    state, and what was is never trained twice (its ids are in the checkpoint).
@@ -26,19 +32,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
-from nablagfn.common.config import TrainConfig
+from nablagfn.common.config import DistributedConfig, TrainConfig
 from nablagfn.common.config_io import validate
 from nablagfn.common.transport import (LoraRegistry, RecordError, ScoredRecord, StreamClient,
                                        encode)
 from nablagfn.common.transport.keys import LEARNER_GROUP, RunKeys
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .nabla_db_step import NablaDBLearner, PolicyModels
-from .record_batch import check_record, update_data
 
 METRICS_MAXLEN = 100_000
 CONSUMER = "learner"
@@ -51,43 +55,47 @@ def learner_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class LearnerActor:
-    """The learner of one distributed run (see the module docstring)."""
+class LearnerModel(Protocol):
+    """What `StreamLearner` needs from the thing it trains."""
 
-    def __init__(self, cfg: TrainConfig, redis_url: str, run_id: str, cache_dir: Optional[str] = None):
-        from nablagfn.common.models import Denoiser, FlowNet, add_lora, load_pipeline
-        from nablagfn.common.schedule import make_schedule
+    optimizer_steps: int
 
-        validate(cfg)
-        self.cfg, self.run_id = cfg, run_id
-        dc = cfg.distributed
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.device = learner_device(cfg.device)
-        self.run_dir = Path(cfg.run_dir)
-        self.keys = RunKeys.from_config(dc)
-        self.streams = StreamClient.from_config(dc.redis, redis_url)
+    def check(self, rec: ScoredRecord, run_id: str) -> None:
+        """Raise RecordError (naming the field) unless `rec` fits this run and model."""
+
+    def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
+        """One update on `records`; its logged terms."""
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """The weights samplers load (published as a version)."""
+
+    def checkpoint(self) -> Checkpoint:
+        """Everything needed to resume (state left empty: StreamLearner fills it)."""
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Load a `checkpoint()` output back."""
+
+
+class StreamLearner:
+    """The transport side of a learner (see the module docstring) around a `LearnerModel`."""
+
+    def __init__(self, dcfg: DistributedConfig, model: LearnerModel, *, redis_url: str, run_id: str,
+                 run_dir: str | Path, batch_size: int, updates: int):
+        self.dcfg, self.model, self.run_id = dcfg, model, run_id
+        self.run_dir = Path(run_dir)
+        self.batch_size, self.target_updates = int(batch_size), int(updates)
+        self.keys = RunKeys.from_config(dcfg)
+        self.streams = StreamClient.from_config(dcfg.redis, redis_url)
         for stream in self.keys.scored_streams:
             self.streams.ensure_group(stream, LEARNER_GROUP)
         self.registry = LoraRegistry(self.streams.conn, prefix=self.keys.lora_prefix,
-                                     keep=dc.redis.lora_keep_versions, max_bytes=dc.redis.max_lora_bytes)
-        torch.manual_seed(cfg.seed)  # LoRA and g_φ initialisation, as in the one-process trainer
-        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
-        add_lora(self.pipe.unet, cfg.lora)
-        self.denoiser = Denoiser.from_pipeline(self.pipe)
-        flow_net = None
-        if not cfg.objective.no_flow:
-            flow_net = FlowNet.from_pipeline(cfg.flow_net, self.pipe).to(self.device)
-        sc = cfg.sampler
-        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
-        self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.denoiser.encode_prompts([""]),
-                                   sc.guidance_scale, self.device)
-        self.learner = NablaDBLearner(cfg, self.models)
+                                     keep=dcfg.redis.lora_keep_versions, max_bytes=dcfg.redis.max_lora_bytes)
         self.updates = 0
         self.version = -1
         self.seen: set[str] = set()
         self.counters = {"trained": 0, "dropped_stale": 0, "duplicates": 0, "dead_lettered": 0,
-                         "checkpoints": 0, "publishes": 0, "seconds_learn": 0.0, "seconds_wait": 0.0}
+                         "checkpoints": 0, "publishes": 0, "seconds_learn": 0.0, "seconds_wait": 0.0,
+                         "seconds_publish": 0.0, "seconds_checkpoint": 0.0}
         self.resumed = self._resume()
         self.pending: list[tuple[str, str]] = []  # trained entries to ack after the next checkpoint
         self._reclaim_own = True
@@ -95,21 +103,15 @@ class LearnerActor:
 
     # -- state ----------------------------------------------------------------------------------
     def _resume(self) -> bool:
-        from nablagfn.common.models import load_lora_state_dict
-
-        ckpt = load_checkpoint(self.run_dir, self.device)
+        ckpt = load_checkpoint(self.run_dir)
         if ckpt is None:
             return False
         st = ckpt.state
         if st.get("run_id") != self.run_id:
             raise RuntimeError(f"{self.run_dir}/checkpoint belongs to run {st.get('run_id')!r}, not "
                                f"{self.run_id!r}: use a fresh run_dir or the same run id")
-        load_lora_state_dict(self.pipe.unet, ckpt.lora)
-        if self.models.flow_net is not None:
-            self.models.flow_net.load_state_dict(ckpt.flow)
-            self.models.flow_bar.load_state_dict(ckpt.flow_bar)
-        self.learner.opt.load_state_dict(ckpt.optimizer)
-        self.learner.steps = int(st["optimizer_steps"])
+        self.model.restore(ckpt)
+        self.model.optimizer_steps = int(st["optimizer_steps"])
         self.updates, self.version = int(st["updates"]), int(st["version"])
         self.seen = set(st["seen"])
         self.counters.update(st["counters"])
@@ -117,18 +119,15 @@ class LearnerActor:
 
     def checkpoint(self) -> None:
         """Save the checkpoint, then ack the entries trained since the last one."""
-        from nablagfn.common.models import lora_state_dict
-
-        m = self.models
-        state = {"run_id": self.run_id, "updates": self.updates, "version": self.version,
-                 "optimizer_steps": self.learner.steps, "counters": self.counters, "seen": sorted(self.seen)}
-        save_checkpoint(self.run_dir, Checkpoint(
-            lora=lora_state_dict(self.pipe.unet),
-            flow={} if m.flow_net is None else m.flow_net.state_dict(),
-            flow_bar={} if m.flow_bar is None else m.flow_bar.state_dict(),
-            optimizer=self.learner.opt.state_dict(), state=state))
+        t0 = time.perf_counter()
+        ckpt = self.model.checkpoint()
         self.counters["checkpoints"] += 1
+        ckpt.state = {"run_id": self.run_id, "updates": self.updates, "version": self.version,
+                      "optimizer_steps": self.model.optimizer_steps, "counters": self.counters,
+                      "seen": sorted(self.seen)}
+        save_checkpoint(self.run_dir, ckpt)
         self._ack_pending()
+        self.counters["seconds_checkpoint"] += time.perf_counter() - t0
 
     def _ack_pending(self) -> None:
         by_stream: dict[str, list[str]] = {}
@@ -139,13 +138,13 @@ class LearnerActor:
         self.pending = []
 
     def publish(self) -> int:
-        """Publish the current LoRA as the next version; returns it."""
-        from nablagfn.common.models import lora_state_dict
-
+        """Publish the current policy as the next version; returns it."""
+        t0 = time.perf_counter()
         latest = self.registry.latest_version()
         new = max(self.version, -1 if latest is None else latest) + 1
-        self.version = self.registry.publish(lora_state_dict(self.pipe.unet), version=new)
+        self.version = self.registry.publish(self.model.policy_state(), version=new)
         self.counters["publishes"] += 1
+        self.counters["seconds_publish"] += time.perf_counter() - t0
         return self.version
 
     # -- data -----------------------------------------------------------------------------------
@@ -156,7 +155,6 @@ class LearnerActor:
         return bool(self.streams.conn.call(self.streams.conn.client.exists, self.keys.stop_key))
 
     def _take(self, n: int) -> list[tuple[str, str, bytes]]:
-        dc = self.cfg.distributed
         if self._reclaim_own:  # entries a previous incarnation of the learner read but never acked
             out = []
             for stream in self.keys.scored_streams:
@@ -165,14 +163,13 @@ class LearnerActor:
                 return out
             self._reclaim_own = False
         return self.streams.read_many(self.keys.scored_streams, LEARNER_GROUP, CONSUMER, count=n,
-                                      block_ms=dc.block_ms)
+                                      block_ms=self.dcfg.block_ms)
 
     def _admit(self, stream: str, entry_id: str, payload: bytes, batch_ids: set[str]) -> Optional[ScoredRecord]:
         """The record if it may be trained now; otherwise it is dead-lettered or acked + counted."""
-        dc = self.cfg.distributed
         try:
-            rec = ScoredRecord.from_msg(payload, dc.redis.max_record_bytes)
-            check_record(rec, self.cfg, self.schedule.timesteps, self.run_id)
+            rec = ScoredRecord.from_msg(payload, self.dcfg.redis.max_record_bytes)
+            self.model.check(rec, self.run_id)
             if rec.policy_version > self.version:
                 raise RecordError(f"meta.policy_version: {rec.policy_version} is newer than the learner's "
                                   f"{self.version}")
@@ -184,7 +181,7 @@ class LearnerActor:
             self.streams.ack(stream, LEARNER_GROUP, entry_id)
             self.counters["duplicates"] += 1
             return None
-        if self.version - rec.policy_version > dc.max_policy_lag:
+        if self.version - rec.policy_version > self.dcfg.max_policy_lag:
             self.streams.ack(stream, LEARNER_GROUP, entry_id)
             self.counters["dropped_stale"] += 1
             return None
@@ -207,15 +204,14 @@ class LearnerActor:
     # -- training -------------------------------------------------------------------------------
     def update(self) -> Optional[dict[str, Any]]:
         """One update (see the module docstring); its metrics, or None if stopped while waiting."""
-        cfg, dc = self.cfg, self.cfg.distributed
         t0 = time.perf_counter()
-        batch = self.collect(cfg.batch_trajectories)
+        batch = self.collect(self.batch_size)
         if batch is None:
             return None
         t1 = time.perf_counter()
         records = [rec for _, _, rec in batch]
         trained_at = self.version
-        logs = self.learner.learn(update_data(records, self.device))
+        logs = self.model.train(records)
         t2 = time.perf_counter()
         self.updates += 1
         self.seen.update(r.traj_id for r in records)
@@ -223,9 +219,9 @@ class LearnerActor:
         self.counters["trained"] += len(records)
         self.counters["seconds_wait"] += t1 - t0
         self.counters["seconds_learn"] += t2 - t1
-        if self.updates % dc.publish_every == 0:
+        if self.updates % self.dcfg.publish_every == 0:
             self.publish()
-        if self.updates % dc.checkpoint_every == 0:
+        if self.updates % self.dcfg.checkpoint_every == 0:
             self.checkpoint()
         log_r = torch.tensor([r.log_reward for r in records], dtype=torch.float64)
         lags = [trained_at - r.policy_version for r in records]
@@ -244,9 +240,9 @@ class LearnerActor:
         return metrics
 
     def run(self, updates: Optional[int] = None) -> dict[str, Any]:
-        """Updates until `updates` in total (default cfg.updates; a resumed learner counts those it
-        had done) or the stop key; then a final checkpoint. Returns `stats()`."""
-        target = self.cfg.updates if updates is None else updates
+        """Updates until `updates` in total (default: the configured count; a resumed learner counts
+        those it had done) or the stop key; then a final checkpoint. Returns `stats()`."""
+        target = self.target_updates if updates is None else updates
         while self.updates < target:
             if self.update() is None:
                 break
@@ -254,23 +250,103 @@ class LearnerActor:
             self.checkpoint()
         return self.stats()
 
-    def finalize(self) -> dict[str, str]:
-        """Write the final LoRA (diffusers format, `lora/`) and g_φ (`flow_net.safetensors`) to the
-        run dir, as the one-process trainer does; returns their paths."""
+    def stats(self) -> dict[str, Any]:
+        return {"actor": CONSUMER, "updates": self.updates, "version": self.version,
+                "optimizer_steps": self.model.optimizer_steps, **self.counters, "resumed": self.resumed}
+
+    def close(self) -> None:
+        self.streams.close()
+
+
+class DiffusionLearnerModel:
+    """The diffusion policy (pipeline + LoRA), g_φ and `NablaDBLearner`, as a `LearnerModel`."""
+
+    def __init__(self, cfg: TrainConfig, cache_dir: Optional[str] = None):
+        from nablagfn.common.models import Denoiser, FlowNet, add_lora, load_pipeline
+        from nablagfn.common.schedule import make_schedule
+
+        from .nabla_db_step import NablaDBLearner, PolicyModels
+
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = learner_device(cfg.device)
+        torch.manual_seed(cfg.seed)  # LoRA and g_φ initialisation, as in the one-process trainer
+        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
+        add_lora(self.pipe.unet, cfg.lora)
+        self.denoiser = Denoiser.from_pipeline(self.pipe)
+        flow_net = None
+        if not cfg.objective.no_flow:
+            flow_net = FlowNet.from_pipeline(cfg.flow_net, self.pipe).to(self.device)
+        sc = cfg.sampler
+        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
+        self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.denoiser.encode_prompts([""]),
+                                   sc.guidance_scale, self.device)
+        self.learner = NablaDBLearner(cfg, self.models)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.learner.steps
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, value: int) -> None:
+        self.learner.steps = int(value)
+
+    def check(self, rec: ScoredRecord, run_id: str) -> None:
+        from .record_batch import check_record
+
+        check_record(rec, self.cfg, self.schedule.timesteps, run_id)
+
+    def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
+        from .record_batch import update_data
+
+        return self.learner.learn(update_data(records, self.device))
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        from nablagfn.common.models import lora_state_dict
+
+        return lora_state_dict(self.pipe.unet)
+
+    def checkpoint(self) -> Checkpoint:
+        m = self.models
+        return Checkpoint(lora=self.policy_state(),
+                          flow={} if m.flow_net is None else m.flow_net.state_dict(),
+                          flow_bar={} if m.flow_bar is None else m.flow_bar.state_dict(),
+                          optimizer=self.learner.opt.state_dict())
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        from nablagfn.common.models import load_lora_state_dict
+
+        load_lora_state_dict(self.pipe.unet, {k: v.to(self.device) for k, v in ckpt.lora.items()})
+        if self.models.flow_net is not None:
+            self.models.flow_net.load_state_dict(ckpt.flow)
+            self.models.flow_bar.load_state_dict(ckpt.flow_bar)
+        self.learner.opt.load_state_dict(ckpt.optimizer)
+
+    def finalize(self, run_dir: Path) -> dict[str, str]:
+        """Write the final LoRA (diffusers format, `lora/`) and g_φ (`flow_net.safetensors`), as the
+        one-process trainer does; returns their paths."""
         from safetensors.torch import save_file
 
         from nablagfn.common.models import save_lora_diffusers
 
-        out = {"lora": str(save_lora_diffusers(self.pipe, self.run_dir / "lora"))}
+        out = {"lora": str(save_lora_diffusers(self.pipe, run_dir / "lora"))}
         flow = self.learner.flow_state_dict()
         if flow:
-            save_file(flow, str(self.run_dir / "flow_net.safetensors"))
-            out["flow_net"] = str(self.run_dir / "flow_net.safetensors")
+            save_file(flow, str(run_dir / "flow_net.safetensors"))
+            out["flow_net"] = str(run_dir / "flow_net.safetensors")
         return out
 
-    def stats(self) -> dict[str, Any]:
-        return {"actor": CONSUMER, "updates": self.updates, "version": self.version,
-                "optimizer_steps": self.learner.steps, **self.counters, "resumed": self.resumed}
 
-    def close(self) -> None:
-        self.streams.close()
+class LearnerActor(StreamLearner):
+    """The learner of a distributed diffusion run: `StreamLearner` around `DiffusionLearnerModel`."""
+
+    def __init__(self, cfg: TrainConfig, redis_url: str, run_id: str, cache_dir: Optional[str] = None):
+        validate(cfg)
+        self.cfg = cfg
+        super().__init__(cfg.distributed, DiffusionLearnerModel(cfg, cache_dir), redis_url=redis_url,
+                         run_id=run_id, run_dir=cfg.run_dir, batch_size=cfg.batch_trajectories,
+                         updates=cfg.updates)
+
+    def finalize(self) -> dict[str, str]:
+        return self.model.finalize(self.run_dir)

@@ -156,9 +156,9 @@ def test_learner_drops_stale_dedups_dead_letters_and_resumes(tiny_dir, tmp_path,
     m = learner.update()
     assert m["traj_ids"] == [r.traj_id for r in fresh] and m["sampled_versions"] == [2, 2]
     assert learner.counters["dropped_stale"] == 1 and learner.counters["duplicates"] == 2
-    state = {k: v.clone() for k, v in lora_state_dict(learner.pipe.unet).items()}
-    flow_bar = {k: v.clone() for k, v in learner.models.flow_bar.state_dict().items()}
-    steps, version, seen = learner.learner.steps, learner.version, set(learner.seen)
+    state = {k: v.clone() for k, v in lora_state_dict(learner.model.pipe.unet).items()}
+    flow_bar = {k: v.clone() for k, v in learner.model.models.flow_bar.state_dict().items()}
+    steps, version, seen = learner.model.optimizer_steps, learner.version, set(learner.seen)
 
     # the learner dies after reading an entry it never acked; a new one resumes from the checkpoint
     _push(streams, keys, recs[3].to_msg())
@@ -166,14 +166,14 @@ def test_learner_drops_stale_dedups_dead_letters_and_resumes(tiny_dir, tmp_path,
     assert streams.pending(keys.scored_streams[0], LEARNER_GROUP) == 1
     learner.close()
     again = LearnerActor(cfg, server.url, RUN)
-    assert again.resumed and again.updates == 2 and again.learner.steps == steps
+    assert again.resumed and again.updates == 2 and again.model.optimizer_steps == steps
     assert again.seen == seen and len(seen) == 4
     assert again.version == version + 1  # it republishes its weights as the next version
-    for k, v in lora_state_dict(again.pipe.unet).items():
+    for k, v in lora_state_dict(again.model.pipe.unet).items():
         assert torch.equal(v, state[k]), k
-    for k, v in again.models.flow_bar.state_dict().items():
+    for k, v in again.model.models.flow_bar.state_dict().items():
         assert torch.equal(v, flow_bar[k]), k
-    assert again.learner.opt.state_dict()["state"].keys() == learner.learner.opt.state_dict()["state"].keys()
+    assert again.model.learner.opt.state_dict()["state"].keys() == learner.model.learner.opt.state_dict()["state"].keys()
     _push(streams, keys, recs[1].to_msg())  # trained before the restart: still a duplicate
     for r in _scored_records(cfg, server, n_rounds=1):
         _push(streams, keys, r.to_msg())
