@@ -122,9 +122,21 @@ def _check_meta(meta: Any, spec: dict[str, tuple[tuple[type, ...], str]]) -> Non
         raise RecordError(f"meta.policy_version: must be >= 0, got {meta['policy_version']}")
 
 
+_EXPONENT_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}  # all ones: Inf or NaN
+
+
 def _non_finite(t: Tensor) -> int:
+    """Count of NaN/Inf values. Through numpy (torch's CPU elementwise kernels were measured ~100×
+    slower on multi-MB records); 16-bit floats by their exponent bits."""
+    name = dtype_name(t)
     if isinstance(t, torch.Tensor):
-        return int((~torch.isfinite(t)).sum())
+        t = t.detach().cpu().contiguous()
+        t = t.view(torch.int16).numpy() if name in _EXPONENT_BITS else t.numpy()
+    elif name == "float16":
+        t = t.view(np.int16)
+    if name in _EXPONENT_BITS:
+        mask = _EXPONENT_BITS[name]
+        return int(np.count_nonzero((t.view(np.uint16) & mask) == mask))
     return int(np.count_nonzero(~np.isfinite(t)))
 
 
