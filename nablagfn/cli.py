@@ -196,6 +196,64 @@ def _bench_gmm_all(spec, cfgs: dict, args) -> int:
     return 0
 
 
+def _bench_transport(args) -> int:
+    from nablagfn.common.transport import RecordError, TransportError, bench_transport
+
+    try:
+        result = bench_transport(args.n, url=args.url, batch=args.batch)
+    except (RecordError, TransportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _bench_distributed(args) -> int:
+    """bench sampler | learner | lora-sync: the distributed service's figures (bench/distributed.py)."""
+    from nablagfn.bench import distributed as bd
+    from nablagfn.common.transport import TransportError
+
+    if args.preset is None and args.config is None:
+        args.preset = DEFAULT_TRAIN_PRESET
+    errors = _load_errors() + (TransportError,)
+    try:
+        cfg = _train_config(args)
+        if args.bench == "sampler":
+            result = bd.bench_sampler(cfg, rounds=args.rounds, warmup=args.warmup, url=args.url)
+        elif args.bench == "learner":
+            result = bd.bench_learner(cfg, updates=args.rounds, warmup=args.warmup, url=args.url)
+        else:
+            result = bd.bench_lora_sync(cfg, publishes=args.rounds, interval_s=args.interval, url=args.url)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _add_distributed_benches(bench_sub) -> None:
+    tr = bench_sub.add_parser("transport", help="encode + XADD + XREADGROUP + decode of SD1.5-sized records: MB/s")
+    tr.add_argument("--n", type=int, default=20, help="records per measurement")
+    tr.add_argument("--batch", type=int, default=4, help="records per XREADGROUP")
+    tr.add_argument("--url", help="Redis URL (default: an embedded server)")
+    tr.set_defaults(func=_bench_transport)
+    helps = {"sampler": ("sampler actor trajectories/s over a bare loop of the same UNet calls", 5),
+             "learner": ("learner busy fraction on a pre-filled scored stream", 3),
+             "lora-sync": ("LoRA publish -> all sampler actors updated, p50/p99 (Ray actors)", 10)}
+    for name, (text, rounds) in helps.items():
+        b = bench_sub.add_parser(name, help=text)
+        b.add_argument("--preset", help=f"a preset name or YAML path (default {DEFAULT_TRAIN_PRESET})")
+        b.add_argument("--config", help="YAML file with TrainConfig fields (over the preset)")
+        b.add_argument("--reward", help="reward name (reward.name)")
+        b.add_argument("--seed", type=int)
+        b.add_argument("--rounds", type=int, default=rounds,
+                       help="sampler rounds / learner updates / LoRA publishes measured")
+        b.add_argument("--warmup", type=int, default=1)
+        b.add_argument("--interval", type=float, default=1.0, help="lora-sync: seconds between publishes")
+        b.add_argument("--url", help="Redis URL (default: an embedded server)")
+        b.set_defaults(func=_bench_distributed, updates=None, run_dir=None, no_progress=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nablagfn", description=__doc__,
                                      epilog="Config overrides: append dotted key=value pairs, e.g. objective.gamma=squared")
@@ -223,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--run-dir", dest="run_dir", help="run directory (default: a temporary one)")
     step.add_argument("--warmup", type=int, default=1, help="updates run before the measured one")
     step.set_defaults(func=_bench_step, updates=None, no_progress=True)
+
+    _add_distributed_benches(bench_sub)
 
     train = sub.add_parser("train", help="fine-tune a diffusion model with residual nabla-DB")
     train.add_argument("--mode", choices=["distributed", "local"], default="distributed",
