@@ -375,6 +375,11 @@ class TrainConfig:
     objective: NablaDBConfig = field(default_factory=NablaDBConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    method: Method = "residual-nabla-db"  # the objective; the baselines' options are in their sections
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    refl: ReflConfig = field(default_factory=ReflConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+    residual_db: ResidualDBConfig = field(default_factory=ResidualDBConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     updates: int = 200  # sampling rounds; each trains on its own fresh trajectories

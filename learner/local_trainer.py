@@ -175,7 +175,7 @@ class LocalTrainer:
         add_lora(self.pipe.unet, cfg.lora)
         self.denoiser = Denoiser.from_pipeline(self.pipe)
         flow_net = None
-        if not cfg.objective.no_flow:
+        if not cfg.objective.no_flow and cfg.method == "residual-nabla-db":  # the baselines have no g_φ
             flow_net = FlowNet.from_pipeline(cfg.flow_net, self.pipe).to(self.device)
         self.reward = build_reward(cfg.reward, self.device)
         self.vae = reward_vae(self.pipe)
@@ -186,7 +186,11 @@ class LocalTrainer:
         self.uncond = self.denoiser.encode_prompts([""])
         self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.uncond,
                                    cfg.sampler.guidance_scale, self.device)
-        self.learner = NablaDBLearner(cfg, self.models)
+        if cfg.method == "residual-nabla-db":
+            self.learner = NablaDBLearner(cfg, self.models)
+        else:  # DRaFT, ReFL, DDPO, residual DB: learner/baselines_step.py
+            from .baselines_step import build_baseline_learner
+            self.learner = build_baseline_learner(cfg, self.models, self.vae, self.reward)
         self.sample_gen = torch.Generator().manual_seed(cfg.seed)
         self.subsample_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.prompt_rng = np.random.default_rng((cfg.prompts.seed, cfg.seed))
@@ -211,6 +215,8 @@ class LocalTrainer:
     def update(self) -> dict:
         """One update: sample → flow queries (x̂₀) → rewards → drop non-finite → learn."""
         cfg, t = self.cfg, self.timer
+        if cfg.method != "residual-nabla-db":  # a baseline samples, scores and learns itself
+            return self.learner.update(self)
         t.reset()
         with t("sampling"):
             traj, keep, cond, prompts = self.sample(cfg.batch_trajectories)
