@@ -3,7 +3,8 @@
 - `bench_sampler`: trajectories/s of a `SamplerActor` round (policy refresh, prompts, sampling,
   flow queries, record encoding, XADD) over a bare loop that makes the same UNet calls — the same
   input shapes, the same adapter state, in the same order, recorded by a forward hook on the
-  actor's own UNet — with nothing else. efficiency = bare seconds / actor seconds (target ≥ 0.95).
+  actor's own UNet — with nothing else, each round followed by its replay (so a change of machine
+  load hits both). efficiency = bare seconds / actor seconds (target ≥ 0.95).
 - `bench_learner`: the learner's busy fraction with samplers not the bottleneck: the scored
   stream is filled beforehand (a sampler and a reward worker in process), then `updates` learner
   updates run; busy = seconds inside the model update / wall seconds of the loop (target ≥ 0.9),
@@ -133,19 +134,22 @@ def bench_sampler(cfg: TrainConfig, rounds: int = 5, warmup: int = 1, url: Optio
         actor.wait_for_policy(30)
         for _ in range(warmup):
             actor.step()
-        rec = UNetCallRecorder(actor.pipe.unet)
-        _sync(actor.device)
-        t0 = time.perf_counter()
-        for _ in range(rounds):
+        actor_s = bare_s = 0.0
+        calls = 0
+        for _ in range(rounds):  # alternate, so that a change of machine load hits both sides
+            rec = UNetCallRecorder(actor.pipe.unet)
+            _sync(actor.device)
+            t0 = time.perf_counter()
             actor.step()
-        _sync(actor.device)
-        actor_s = time.perf_counter() - t0
-        rec.remove()
-        bare_s = replay_unet_calls(actor.pipe.unet, rec.calls, actor.device, actor.denoiser.dtype)
+            _sync(actor.device)
+            actor_s += time.perf_counter() - t0
+            rec.remove()
+            bare_s += replay_unet_calls(actor.pipe.unet, rec.calls, actor.device, actor.denoiser.dtype)
+            calls += len(rec.calls)
         stats = actor.stats()
         actor.close()
     traj = rounds * n
-    return {"bench": "sampler", "rounds": rounds, "trajectories": traj, "unet_calls": len(rec.calls),
+    return {"bench": "sampler", "rounds": rounds, "trajectories": traj, "unet_calls": calls,
             "actor_seconds": actor_s, "bare_unet_seconds": bare_s,
             "actor_trajectories_per_s": traj / actor_s, "bare_trajectories_per_s": traj / bare_s,
             "efficiency": bare_s / actor_s, "target": 0.95,
