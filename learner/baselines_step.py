@@ -24,6 +24,7 @@ once), so the default attention kernels work on CPU; no double backward is neede
 """
 from __future__ import annotations
 
+import abc
 import collections
 import math
 from typing import Optional, Sequence
@@ -46,7 +47,7 @@ def _chunks(idx: torch.Tensor, size: int):
         yield idx[start:start + size]
 
 
-class BaselineLearner:
+class BaselineLearner(abc.ABC):
     """The LoRA's AdamW (and `extra_params` groups), the reward calls, and the update skeleton."""
 
     def __init__(self, cfg: TrainConfig, models: PolicyModels, vae, reward,
@@ -118,8 +119,10 @@ class BaselineLearner:
                 "valid": int(valid.sum()), "skipped": skipped, "skipped_total": trainer.skipped_total,
                 **logs, "seconds": sum(t.seconds.values()), **{f"seconds_{k}": s for k, s in t.seconds.items()}}
 
+    @abc.abstractmethod
     def learn(self, states, eps, keep, cond, prompts, log_r) -> dict:
-        raise TypeError(f"{type(self).__name__} does not define learn()")
+        """The method's optimizer steps on B valid trajectories: states (B, N+1, …), the behaviour ε
+        (B, N, …), kept steps (B, K), text embeddings (B, L, D), prompts, terminal log R (B,)."""
 
     def _reward_loss_steps(self, n: int, loss_fn) -> dict:
         """Optimizer steps over groups of trajectories for a reward-maximising loss: loss_fn(rows) ->
@@ -324,18 +327,24 @@ class ResidualDBLearner(BaselineLearner):
         is_last = idx == N - 1
         row_prompts = [prompts[i] for i in traj_of.tolist()]
         guess = self.guesses(x, idx, cond[traj_of], row_prompts)
-        guess_next = self.guesses(x_next, idx + 1, cond[traj_of], row_prompts)  # unused where is_last
-        ok = torch.ones_like(is_last)  # rows whose guesses are finite (the next one is unused where is_last)
-        if guess is not None:
-            ok &= torch.isfinite(guess) & (torch.isfinite(guess_next) | is_last)
+        guess_next, ok = None, torch.ones_like(is_last)
+        if guess is not None:  # at x' only where x' is not terminal (there log F̃ = β log R(x_N) exactly)
+            inner = (~is_last).nonzero(as_tuple=True)[0]
+            guess_next = torch.zeros_like(guess)
+            if inner.numel():
+                guess_next[inner] = self.guesses(x_next[inner], idx[inner] + 1, cond[traj_of[inner]],
+                                                 [row_prompts[i] for i in inner.tolist()])
+            ok &= torch.isfinite(guess) & torch.isfinite(guess_next)  # rows with a non-finite guess sit out
         terminal = self.beta * log_r[traj_of]
         a_t, a_n = m.alpha_bar[idx], m.alpha_bar[idx + 1]
         sums = collections.Counter()
         groups = self.groups(states.shape[0])
+        n_steps = 0
         for group in groups:
             g_rows = (torch.isin(traj_of, group.to(states.device)) & ok).nonzero(as_tuple=True)[0]
             if g_rows.numel() == 0:
                 continue
+            n_steps += 1
             self.opt.zero_grad(set_to_none=True)
             for chunk in _chunks(group.to(states.device), self.cfg.chunk_trajectories):
                 r = (torch.isin(traj_of, chunk) & ok).nonzero(as_tuple=True)[0]
@@ -349,7 +358,7 @@ class ResidualDBLearner(BaselineLearner):
                                                  a_t[r], a_n[r], sc.kind, sc.eta)
                 lf = log_flow_value(self.log_flow(x[r], m.state_t[idx[r]]), None if guess is None else guess[r])
                 lf_next = next_log_flow(self.log_flow(x_next[r], m.state_t[idx[r] + 1]),
-                                        None if guess_next is None else torch.nan_to_num(guess_next[r]),
+                                        None if guess_next is None else guess_next[r],
                                         terminal[r], is_last[r])
                 terms = residual_db_loss(lp_pol, lp_pre, lf, lf_next, ob.pretrained_strength)
                 w = r.numel() / g_rows.numel()
@@ -358,7 +367,7 @@ class ResidualDBLearner(BaselineLearner):
                     sums[k] += w * float(v.detach()) / len(groups)
             sums["grad_norm_lora"] += self.clip_and_step(self.lora_params, list(self.log_flow.parameters())) / len(groups)
         out = dict(sums)
-        out["optimizer_steps"] = len(groups)
+        out["optimizer_steps"] = n_steps
         return out
 
 
