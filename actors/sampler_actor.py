@@ -1,8 +1,12 @@
 """`SamplerActor`: holds the pretrained pipeline + LoRA policy and turns it into trajectory records.
 
+Two parts: `SamplerLoop`, the transport side (policy versions from the LoRA registry, backpressure,
+XADD, the stop key, counters — independent of the model), and a policy object that samples
+(`DiffusionSamplerPolicy` here; the GMM testbed brings its own). `SamplerActor` is the two together.
+
 One round (`step`), once the stream has room:
 1. refresh the policy: if the LoRA registry has a version newer than the one loaded, fetch it
-   (verified: keys and shapes of this UNet's adapter, finite values) and load it into the UNet;
+   (verified: keys and shapes of this policy's adapter, finite values) and load it;
 2. draw `sampler_batch` prompts, sample their trajectories through the MDP with the policy
    (common/trajectories.py), choose the kept transitions (common/subsample.py);
 3. compute what the learner needs at sampling time (common/policy.py `plan_flow_queries`: the
@@ -21,14 +25,14 @@ seed·1000 + index (+ a second stream), so samplers draw different trajectories.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 
-from nablagfn.common.config import TrainConfig
+from nablagfn.common.config import DistributedConfig, TrainConfig
 from nablagfn.common.config_io import validate
-from nablagfn.common.transport import LoraRegistry, StreamClient, shapes_of
+from nablagfn.common.transport import LoraRegistry, StreamClient, TrajectoryRecord
 from nablagfn.common.transport.keys import RunKeys
 
 from .trajectory_records import trajectory_records
@@ -43,44 +47,31 @@ def actor_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class SamplerActor:
-    """A policy copy that samples trajectory records into Redis (see the module docstring)."""
+class SamplerPolicy(Protocol):
+    """What `SamplerLoop` needs from the thing that samples."""
 
-    def __init__(self, cfg: TrainConfig, index: int, redis_url: str, run_id: str,
-                 cache_dir: Optional[str] = None):
-        from nablagfn.common.models import Denoiser, add_lora, load_pipeline, lora_state_dict
-        from nablagfn.common.policy import PolicyCallables
-        from nablagfn.common.prompts import build_prompt_source
-        from nablagfn.common.schedule import make_schedule
-        from nablagfn.common.trajectories import latent_shape_of
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a published version must have (checked before loading)."""
 
-        validate(cfg)
-        self.cfg, self.index, self.run_id = cfg, int(index), run_id
-        self.name = f"sampler-{self.index}"
-        dc = cfg.distributed
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.device = actor_device(cfg.device)
-        self.keys = RunKeys.from_config(dc)
-        self.streams = StreamClient.from_config(dc.redis, redis_url)
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a published (verified) version."""
+
+    def sample_records(self, n: int, meta: dict, actor: str) -> list[TrajectoryRecord]:
+        """n trajectories with the loaded policy, as records carrying `meta` (run id, version...)."""
+
+
+class SamplerLoop:
+    """The transport side of a sampler (see the module docstring) around a `SamplerPolicy`."""
+
+    def __init__(self, dcfg: DistributedConfig, policy: SamplerPolicy, *, name: str, redis_url: str,
+                 run_id: str, sampler_kind: str, num_steps: int):
+        self.dcfg, self.policy, self.name, self.run_id = dcfg, policy, name, run_id
+        self.sampler_kind, self.num_steps = sampler_kind, int(num_steps)
+        self.keys = RunKeys.from_config(dcfg)
+        self.streams = StreamClient.from_config(dcfg.redis, redis_url)
         self.registry = LoraRegistry(self.streams.conn, prefix=self.keys.lora_prefix,
-                                     keep=dc.redis.lora_keep_versions, max_bytes=dc.redis.max_lora_bytes)
-        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
-        add_lora(self.pipe.unet, cfg.lora)
-        self.denoiser = Denoiser.from_pipeline(self.pipe)
-        self.expected = shapes_of(lora_state_dict(self.pipe.unet))
-        sc = cfg.sampler
-        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
-        vae_scale = getattr(self.pipe, "vae_scale_factor", None) or 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        self.latent_shape = latent_shape_of(self.denoiser, cfg.model.resolution, vae_scale)
-        self.uncond = self.denoiser.encode_prompts([""])
-        self.models = PolicyCallables(self.denoiser, None, self.schedule, self.uncond,
-                                      sc.guidance_scale, self.device)
-        self.prompts = build_prompt_source(cfg.prompts)
-        self.prompt_rng = np.random.default_rng((cfg.prompts.seed, cfg.seed, 1000 + self.index))
-        self.sample_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.index)
-        self.subsample_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.index + 500)
-        self.latent_dtype = _DTYPES[dc.latent_dtype]
+                                     keep=dcfg.redis.lora_keep_versions, max_bytes=dcfg.redis.max_lora_bytes)
+        self.expected = policy.expected_shapes()
         self.version: Optional[int] = None
         self.counters = {"rounds": 0, "records": 0, "bytes": 0, "lora_loads": 0,
                          "seconds_sampling": 0.0, "seconds_paused": 0.0, "seconds_waiting_policy": 0.0,
@@ -95,14 +86,12 @@ class SamplerActor:
         return bool(self.streams.conn.call(self.streams.conn.client.exists, self.keys.stop_key))
 
     def refresh_policy(self) -> bool:
-        """Load the newest published LoRA if it is newer than ours; True if one was loaded."""
-        from nablagfn.common.models import load_lora_state_dict
-
+        """Load the newest published version if it is newer than ours; True if one was loaded."""
         got = self.registry.fetch_if_newer(self.version, self.expected)
         if got is None:
             return False
         version, state = got
-        load_lora_state_dict(self.pipe.unet, state)
+        self.policy.load(state)
         self.version = version
         self.counters["lora_loads"] += 1
         self.versions_loaded.append((version, time.time()))
@@ -116,41 +105,38 @@ class SamplerActor:
         while not self.refresh_policy() and self.version is None:
             if time.monotonic() > deadline or self.stop_requested():
                 break
-            time.sleep(self.cfg.distributed.poll_s)
+            time.sleep(self.dcfg.poll_s)
         self.counters["seconds_waiting_policy"] += time.perf_counter() - t0
         return self.version is not None
 
     # -- one round ----------------------------------------------------------------------------
-    def sample_records(self, n: Optional[int] = None) -> list:
+    def sample_records(self, n: Optional[int] = None) -> list[TrajectoryRecord]:
         """Sample n (default sampler_batch) trajectories with the current policy; their records."""
-        from nablagfn.common.policy import needed_states, plan_flow_queries
-        from nablagfn.common.subsample import subsample_steps
-        from nablagfn.common.trajectories import sample_trajectories
-
         if self.version is None:
             raise RuntimeError(f"{self.name}: no policy version loaded (nothing published yet)")
-        cfg, sc, s = self.cfg, self.cfg.sampler, self.cfg.subsample
-        n = n or cfg.distributed.sampler_batch
         t0 = time.perf_counter()
-        ids, prompts = self.prompts.sample(n, rng=self.prompt_rng)
-        cond = self.denoiser.encode_prompts(prompts)
-        traj = sample_trajectories(self.denoiser, self.schedule, cond, self.uncond, sc.guidance_scale, sc.kind,
-                                   sc.eta, self.sample_gen, latent_shape=self.latent_shape)
-        keep = subsample_steps(n, sc.num_steps, s.timestep_fraction, s.low_variance, s.keep_last,
-                               self.subsample_gen).to(self.device)
-        queries, fwd_point = plan_flow_queries(self.models, traj, keep, cond, cfg)
-        needed = needed_states(keep, sc.num_steps, cfg)
-        meta = {"run_id": self.run_id, "policy_version": int(self.version), "sampler": sc.kind,
-                "num_steps": sc.num_steps, "sampled_at": time.time()}
-        records = trajectory_records(traj, keep, cond, ids.tolist(), prompts, queries, fwd_point, needed,
-                                     timesteps=self.schedule.timesteps, meta=meta, actor=self.name,
-                                     latent_dtype=self.latent_dtype)
+        meta = {"run_id": self.run_id, "policy_version": int(self.version), "sampler": self.sampler_kind,
+                "num_steps": self.num_steps, "sampled_at": time.time()}
+        records = self.policy.sample_records(n or self.dcfg.sampler_batch, meta, self.name)
         self.counters["seconds_sampling"] += time.perf_counter() - t0
         return records
 
-    def publish(self, records: list) -> bool:
+    def wait_for_room(self) -> bool:
+        """Pause while a trajectory stream is at its depth bound, before sampling: records sampled
+        now and queued for long would only age (policy lag). False if stopped while waiting."""
+        t0 = None
+        while max(self.streams.depth(s) for s in self.keys.traj_streams) >= self.dcfg.redis.max_stream_depth:
+            t0 = t0 or time.perf_counter()
+            if self.stop_requested():
+                return False
+            time.sleep(self.dcfg.poll_s)
+        if t0:
+            self.counters["seconds_paused"] += time.perf_counter() - t0
+        return True
+
+    def publish(self, records: list[TrajectoryRecord]) -> bool:
         """XADD each record, waiting while its stream is full; False if stopped while waiting."""
-        dc = self.cfg.distributed
+        dc = self.dcfg
         t0 = time.perf_counter()
         for rec in records:
             msg = rec.to_msg(max_bytes=dc.redis.max_record_bytes)
@@ -169,20 +155,6 @@ class SamplerActor:
         self.counters["seconds_publish"] += time.perf_counter() - t0
         return True
 
-    def wait_for_room(self) -> bool:
-        """Pause while a trajectory stream is at its depth bound, before sampling: records sampled
-        now and queued for long would only age (policy lag). False if stopped while waiting."""
-        dc = self.cfg.distributed
-        t0 = None
-        while max(self.streams.depth(s) for s in self.keys.traj_streams) >= dc.redis.max_stream_depth:
-            t0 = t0 or time.perf_counter()
-            if self.stop_requested():
-                return False
-            time.sleep(dc.poll_s)
-        if t0:
-            self.counters["seconds_paused"] += time.perf_counter() - t0
-        return True
-
     def step(self) -> int:
         """One round: wait for room in the stream, refresh the policy, sample, publish; returns
         the records written."""
@@ -197,11 +169,11 @@ class SamplerActor:
 
     def run(self, max_rounds: Optional[int] = None) -> dict[str, Any]:
         """Rounds until the stop key is set (or max_rounds); returns `stats()`."""
-        if not self.wait_for_policy(self.cfg.distributed.startup_timeout_s):
+        if not self.wait_for_policy(self.dcfg.startup_timeout_s):
             if self.stop_requested():
                 return self.stats()
-            raise RuntimeError(f"{self.name}: no LoRA version was published within "
-                               f"{self.cfg.distributed.startup_timeout_s} s")
+            raise RuntimeError(f"{self.name}: no policy version was published within "
+                               f"{self.dcfg.startup_timeout_s} s")
         done = 0
         while (max_rounds is None or done < max_rounds) and not self.stop_requested():
             self.step()
@@ -214,3 +186,77 @@ class SamplerActor:
 
     def close(self) -> None:
         self.streams.close()
+
+
+class DiffusionSamplerPolicy:
+    """The pretrained pipeline with the LoRA policy, sampling records (a `SamplerPolicy`)."""
+
+    def __init__(self, cfg: TrainConfig, index: int, cache_dir: Optional[str] = None):
+        from nablagfn.common.models import Denoiser, add_lora, load_pipeline
+        from nablagfn.common.policy import PolicyCallables
+        from nablagfn.common.prompts import build_prompt_source
+        from nablagfn.common.schedule import make_schedule
+        from nablagfn.common.trajectories import latent_shape_of
+
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = actor_device(cfg.device)
+        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
+        add_lora(self.pipe.unet, cfg.lora)
+        self.denoiser = Denoiser.from_pipeline(self.pipe)
+        sc = cfg.sampler
+        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
+        vae_scale = getattr(self.pipe, "vae_scale_factor", None) or 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.latent_shape = latent_shape_of(self.denoiser, cfg.model.resolution, vae_scale)
+        self.uncond = self.denoiser.encode_prompts([""])
+        self.models = PolicyCallables(self.denoiser, None, self.schedule, self.uncond, sc.guidance_scale, self.device)
+        self.prompts = build_prompt_source(cfg.prompts)
+        self.prompt_rng = np.random.default_rng((cfg.prompts.seed, cfg.seed, 1000 + index))
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed * 1000 + index)
+        self.subsample_gen = torch.Generator().manual_seed(cfg.seed * 1000 + index + 500)
+        self.latent_dtype = _DTYPES[cfg.distributed.latent_dtype]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        from nablagfn.common.models import lora_state_dict
+        from nablagfn.common.transport import shapes_of
+
+        return shapes_of(lora_state_dict(self.pipe.unet))
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        from nablagfn.common.models import load_lora_state_dict
+
+        load_lora_state_dict(self.pipe.unet, state)
+
+    def sample_records(self, n: int, meta: dict, actor: str) -> list[TrajectoryRecord]:
+        from nablagfn.common.policy import needed_states, plan_flow_queries
+        from nablagfn.common.subsample import subsample_steps
+        from nablagfn.common.trajectories import sample_trajectories
+
+        cfg, sc, s = self.cfg, self.cfg.sampler, self.cfg.subsample
+        ids, prompts = self.prompts.sample(n, rng=self.prompt_rng)
+        cond = self.denoiser.encode_prompts(prompts)
+        traj = sample_trajectories(self.denoiser, self.schedule, cond, self.uncond, sc.guidance_scale, sc.kind,
+                                   sc.eta, self.sample_gen, latent_shape=self.latent_shape)
+        keep = subsample_steps(n, sc.num_steps, s.timestep_fraction, s.low_variance, s.keep_last,
+                               self.subsample_gen).to(self.device)
+        queries, fwd_point = plan_flow_queries(self.models, traj, keep, cond, cfg)
+        return trajectory_records(traj, keep, cond, ids.tolist(), prompts, queries, fwd_point,
+                                  needed_states(keep, sc.num_steps, cfg), timesteps=self.schedule.timesteps,
+                                  meta=meta, actor=actor, latent_dtype=self.latent_dtype)
+
+
+class SamplerActor(SamplerLoop):
+    """A sampler of a distributed diffusion run: `SamplerLoop` around `DiffusionSamplerPolicy`."""
+
+    def __init__(self, cfg: TrainConfig, index: int, redis_url: str, run_id: str,
+                 cache_dir: Optional[str] = None):
+        validate(cfg)
+        self.cfg, self.index = cfg, int(index)
+        super().__init__(cfg.distributed, DiffusionSamplerPolicy(cfg, self.index, cache_dir),
+                         name=f"sampler-{self.index}", redis_url=redis_url, run_id=run_id,
+                         sampler_kind=cfg.sampler.kind, num_steps=cfg.sampler.num_steps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device

@@ -130,21 +130,21 @@ def bench_sampler(cfg: TrainConfig, rounds: int = 5, warmup: int = 1, url: Optio
     cache = _cache_dir(cfg)
     with _redis(url) as redis_url:
         actor = SamplerActor(cfg, 0, redis_url, "bench-sampler", cache)
-        _publish_initial(redis_url, cfg, lora_state_dict(actor.pipe.unet))
+        _publish_initial(redis_url, cfg, lora_state_dict(actor.policy.pipe.unet))
         actor.wait_for_policy(30)
         for _ in range(warmup):
             actor.step()
         actor_s = bare_s = 0.0
         calls = 0
         for _ in range(rounds):  # alternate, so that a change of machine load hits both sides
-            rec = UNetCallRecorder(actor.pipe.unet)
+            rec = UNetCallRecorder(actor.policy.pipe.unet)
             _sync(actor.device)
             t0 = time.perf_counter()
             actor.step()
             _sync(actor.device)
             actor_s += time.perf_counter() - t0
             rec.remove()
-            bare_s += replay_unet_calls(actor.pipe.unet, rec.calls, actor.device, actor.denoiser.dtype)
+            bare_s += replay_unet_calls(actor.policy.pipe.unet, rec.calls, actor.device, actor.policy.denoiser.dtype)
             calls += len(rec.calls)
         stats = actor.stats()
         actor.close()

@@ -61,14 +61,14 @@ def test_sampler_follows_published_versions_and_writes_valid_records(tiny_dir, t
     with pytest.raises(RuntimeError, match="no policy version"):
         sampler.sample_records()
     client, registry = _registry(server, cfg)
-    lora0 = lora_state_dict(sampler.pipe.unet)
+    lora0 = lora_state_dict(sampler.policy.pipe.unet)
     v1 = {k: v + 0.05 * torch.randn_like(v) for k, v in lora0.items()}  # lora_B no longer zero
     registry.publish(lora0, version=0)
     assert sampler.wait_for_policy(5) and sampler.version == 0
     assert sampler.step() == 2
     registry.publish(v1)  # version 1: a different policy
     assert sampler.step() == 2 and sampler.version == 1
-    for k, v in lora_state_dict(sampler.pipe.unet).items():
+    for k, v in lora_state_dict(sampler.policy.pipe.unet).items():
         assert torch.equal(v, v1[k]), k  # loaded exactly
     assert [v for v, _ in sampler.versions_loaded] == [0, 1]
 
@@ -78,7 +78,7 @@ def test_sampler_follows_published_versions_and_writes_valid_records(tiny_dir, t
     recs = [TrajectoryRecord.from_msg(p) for _, _, p in entries]
     assert [r.policy_version for r in recs] == [0, 0, 1, 1]
     assert len({r.traj_id for r in recs}) == 4 and all(r.traj_id.startswith("sampler-0-") for r in recs)
-    timesteps = sampler.schedule.timesteps
+    timesteps = sampler.policy.schedule.timesteps
     for r in recs:  # what the learner needs: schema-valid, and every state/query its objective reads
         scored_like = r.tensors | {"grad_final": torch.zeros(r.tensors["final"].shape)}
         Q = r.tensors["query_state"].shape[0]
@@ -90,10 +90,10 @@ def test_sampler_follows_published_versions_and_writes_valid_records(tiny_dir, t
     # the same noise under two policies gives different samples only if the LoRA acts: version 1's
     # ε differs from the pretrained ε at the same input
     x = torch.randn(1, 4, 16, 16)
-    cond = sampler.denoiser.encode_prompts(["cat"])
+    cond = sampler.policy.denoiser.encode_prompts(["cat"])
     with torch.no_grad():
-        e_pol = sampler.denoiser.eps(x, torch.tensor([500]), cond, sampler.uncond, 5.0, adapter=True)
-        e_pre = sampler.denoiser.eps(x, torch.tensor([500]), cond, sampler.uncond, 5.0, adapter=False)
+        e_pol = sampler.policy.denoiser.eps(x, torch.tensor([500]), cond, sampler.policy.uncond, 5.0, adapter=True)
+        e_pre = sampler.policy.denoiser.eps(x, torch.tensor([500]), cond, sampler.policy.uncond, 5.0, adapter=False)
     assert (e_pol - e_pre).abs().max() > 1e-4
 
     # a blob of the wrong shapes is refused and the current policy stays
@@ -110,7 +110,7 @@ def test_sampler_pauses_at_the_depth_bound_and_stops_on_request(tiny_dir, tmp_pa
     cfg = _cfg(tiny_dir, tmp_path, "distributed.redis.max_stream_depth=3")
     sampler = SamplerActor(cfg, 1, server.url, RUN)
     client, registry = _registry(server, cfg)
-    registry.publish(lora_state_dict(sampler.pipe.unet), version=0)
+    registry.publish(lora_state_dict(sampler.policy.pipe.unet), version=0)
     keys = RunKeys.from_config(cfg.distributed)
     assert sampler.wait_for_policy(5)
     assert sampler.step() == 2  # depth 2 < 3: room

@@ -68,7 +68,7 @@ def _records(cfg, server, n_rounds=1):
     sampler = SamplerActor(cfg, 0, server.url, RUN)
     client = StreamClient.from_url(server.url)
     LoraRegistry(client.conn, prefix=RunKeys.from_config(cfg.distributed).lora_prefix).publish(
-        lora_state_dict(sampler.pipe.unet), version=0)
+        lora_state_dict(sampler.policy.pipe.unet), version=0)
     client.close()
     assert sampler.wait_for_policy(5)
     out = [r for _ in range(n_rounds) for r in sampler.sample_records()]
