@@ -133,6 +133,8 @@ def _bench_gmm(args) -> int:
             cli["seed"] = args.seed
         if args.updates is not None:
             cli["updates"] = args.updates
+        if args.model_family is not None:
+            cli["model_family"] = args.model_family
         methods = list(METHODS) if args.method == "all" else [args.method]
         # per-method defaults (baselines.METHOD_DEFAULTS) <- --config <- flags <- the method <- overrides
         cfgs = {m: build_config(GMMMethodsConfig, METHOD_DEFAULTS.get(m, {}), *layers, cli, {"method": m},
@@ -148,6 +150,7 @@ def _bench_gmm(args) -> int:
                                       "updates", "wall_seconds", "flow_error")}
     brief["pretrained_tv"] = summary["pretrained"]["tv"]
     brief["exact_flow_tv"] = summary["exact_flow"]["tv"]
+    brief["model_family"] = cfg.model_family
     print(json.dumps(brief, indent=2))
     return 0
 
@@ -269,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--out", required=True, help="output directory")
     gmm.add_argument("--seed", type=int)
     gmm.add_argument("--updates", type=int)
+    gmm.add_argument("--model-family", dest="model_family", choices=["ddpm", "flow"],
+                     help="pretrained model: ddpm (ε, SD schedule; default) or flow (rectified flow, flow-SDE sampler)")
     gmm.add_argument("--config", help="YAML file with GMMBenchConfig fields")
     gmm.add_argument("--no-progress", action="store_true")
     gmm.set_defaults(func=_bench_gmm)

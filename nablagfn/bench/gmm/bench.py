@@ -13,6 +13,7 @@ from nablagfn.common.config_io import to_dict
 
 from . import exact
 from .baselines import ALL_METHODS, make_baseline_trainer
+from .flow_problem import make_problem
 from .run import GMMBenchConfig, GMMProblem, Trainer, exact_flow_shift, measure
 from .spec import GMMSpec
 
@@ -62,7 +63,7 @@ def run_gmm_bench(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path, progr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    problem = GMMProblem(spec, cfg.sampler)
+    problem = make_problem(spec, cfg.sampler, cfg.model_family)
     trainer = Trainer(problem, cfg) if cfg.method == "residual-nabla-db" else make_baseline_trainer(problem, cfg)
     curve: list[dict] = []
     (out / "curve.jsonl").unlink(missing_ok=True)
