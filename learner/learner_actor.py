@@ -23,7 +23,10 @@ One update (`StreamLearner.update`):
 3. publish every `publish_every` updates; checkpoint every `checkpoint_every` updates (policy, g_φ,
    its Polyak copy, optimizer, version, counters, seen ids) and only then XACK the trained entries:
    after a crash, what was not checkpointed is redelivered and trained again from the restored
-   state, and what was is never trained twice (its ids are in the checkpoint).
+   state, and what was is never trained twice (its ids are in the checkpoint). With
+   checkpoint_every = 0 there are no checkpoints and entries are acked right after the update.
+   Trained ids are remembered while their records could still be admitted (policy_version within
+   max_policy_lag of the current version); an older redelivery is dropped as stale anyway.
 4. append one metrics map to `stream:metrics` (the driver tails it).
 It never samples trajectories.
 """
@@ -92,7 +95,7 @@ class StreamLearner:
                                      keep=dcfg.redis.lora_keep_versions, max_bytes=dcfg.redis.max_lora_bytes)
         self.updates = 0
         self.version = -1
-        self.seen: set[str] = set()
+        self.seen: dict[str, int] = {}  # traj_id -> policy_version of every record trained and still admissible
         self.counters = {"trained": 0, "dropped_stale": 0, "duplicates": 0, "dead_lettered": 0,
                          "checkpoints": 0, "publishes": 0, "seconds_learn": 0.0, "seconds_wait": 0.0,
                          "seconds_publish": 0.0, "seconds_checkpoint": 0.0}
@@ -113,7 +116,7 @@ class StreamLearner:
         self.model.restore(ckpt)
         self.model.optimizer_steps = int(st["optimizer_steps"])
         self.updates, self.version = int(st["updates"]), int(st["version"])
-        self.seen = set(st["seen"])
+        self.seen = {k: int(v) for k, v in st["seen"].items()}
         self.counters.update(st["counters"])
         return True
 
@@ -124,7 +127,7 @@ class StreamLearner:
         self.counters["checkpoints"] += 1
         ckpt.state = {"run_id": self.run_id, "updates": self.updates, "version": self.version,
                       "optimizer_steps": self.model.optimizer_steps, "counters": self.counters,
-                      "seen": sorted(self.seen)}
+                      "seen": self.seen}
         save_checkpoint(self.run_dir, ckpt)
         self._ack_pending()
         self.counters["seconds_checkpoint"] += time.perf_counter() - t0
@@ -143,6 +146,8 @@ class StreamLearner:
         latest = self.registry.latest_version()
         new = max(self.version, -1 if latest is None else latest) + 1
         self.version = self.registry.publish(self.model.policy_state(), version=new)
+        # a redelivered record older than the lag bound is dropped as stale anyway: forget its id
+        self.seen = {k: v for k, v in self.seen.items() if self.version - v <= self.dcfg.max_policy_lag}
         self.counters["publishes"] += 1
         self.counters["seconds_publish"] += time.perf_counter() - t0
         return self.version
@@ -214,14 +219,16 @@ class StreamLearner:
         logs = self.model.train(records)
         t2 = time.perf_counter()
         self.updates += 1
-        self.seen.update(r.traj_id for r in records)
+        self.seen.update((r.traj_id, r.policy_version) for r in records)
         self.pending += [(s, i) for s, i, _ in batch]
         self.counters["trained"] += len(records)
         self.counters["seconds_wait"] += t1 - t0
         self.counters["seconds_learn"] += t2 - t1
         if self.updates % self.dcfg.publish_every == 0:
             self.publish()
-        if self.updates % self.dcfg.checkpoint_every == 0:
+        if not self.dcfg.checkpoint_every:
+            self._ack_pending()  # no checkpoints: nothing to resume from, ack at once
+        elif self.updates % self.dcfg.checkpoint_every == 0:
             self.checkpoint()
         log_r = torch.tensor([r.log_reward for r in records], dtype=torch.float64)
         lags = [trained_at - r.policy_version for r in records]
@@ -247,7 +254,7 @@ class StreamLearner:
             if self.update() is None:
                 break
         if self.pending:
-            self.checkpoint()
+            self.checkpoint() if self.dcfg.checkpoint_every else self._ack_pending()
         return self.stats()
 
     def stats(self) -> dict[str, Any]:

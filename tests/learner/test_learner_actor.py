@@ -122,7 +122,7 @@ def _push(streams, keys, payload):
 
 
 def test_learner_drops_stale_dedups_dead_letters_and_resumes(tiny_dir, tmp_path, server):
-    cfg = _cfg(tiny_dir, tmp_path / "run", "batch_trajectories=2", "distributed.max_policy_lag=1", updates=5)
+    cfg = _cfg(tiny_dir, tmp_path / "run", "batch_trajectories=2", "distributed.max_policy_lag=2", updates=5)
     keys = RunKeys.from_config(cfg.distributed)
     learner = LearnerActor(cfg, server.url, RUN)
     assert learner.version == 0 and not learner.resumed
@@ -144,21 +144,22 @@ def test_learner_drops_stale_dedups_dead_letters_and_resumes(tiny_dir, tmp_path,
     assert streams.pending(keys.scored_streams[0], LEARNER_GROUP) == 0  # acked after the checkpoint
     assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
 
-    # version 1 → 2: records of version 0 are now 2 versions old (> max_policy_lag = 1)
+    # version 1 → 3: records of version 0 are now 3 versions old (> max_policy_lag = 2): dropped,
+    # including a re-sent one (its id is forgotten once no copy could be admitted any more)
     learner.publish()
-    assert learner.version == 2
-    _push(streams, keys, recs[2].to_msg())
-    fresh = _scored_records(cfg, server, n_rounds=1)  # sampled at version 2
-    assert {r.policy_version for r in fresh} == {2}
-    _push(streams, keys, recs[0].to_msg())  # trained already: a duplicate, whatever its age
-    for r in fresh:
+    learner.publish()
+    assert learner.version == 3 and set(learner.seen) == set()
+    fresh = _scored_records(cfg, server, n_rounds=1)  # sampled at version 3
+    assert {r.policy_version for r in fresh} == {3}
+    for r in (recs[2], recs[1], fresh[0], fresh[0], fresh[1]):
         _push(streams, keys, r.to_msg())
     m = learner.update()
-    assert m["traj_ids"] == [r.traj_id for r in fresh] and m["sampled_versions"] == [2, 2]
-    assert learner.counters["dropped_stale"] == 1 and learner.counters["duplicates"] == 2
+    assert m["traj_ids"] == [r.traj_id for r in fresh] and m["sampled_versions"] == [3, 3]
+    assert learner.counters["dropped_stale"] == 2 and learner.counters["duplicates"] == 2
     state = {k: v.clone() for k, v in lora_state_dict(learner.model.pipe.unet).items()}
     flow_bar = {k: v.clone() for k, v in learner.model.models.flow_bar.state_dict().items()}
-    steps, version, seen = learner.model.optimizer_steps, learner.version, set(learner.seen)
+    steps, version, seen = learner.model.optimizer_steps, learner.version, dict(learner.seen)
+    assert version == 4 and seen == {fresh[0].traj_id: 3, fresh[1].traj_id: 3}
 
     # the learner dies after reading an entry it never acked; a new one resumes from the checkpoint
     _push(streams, keys, recs[3].to_msg())
@@ -167,19 +168,19 @@ def test_learner_drops_stale_dedups_dead_letters_and_resumes(tiny_dir, tmp_path,
     learner.close()
     again = LearnerActor(cfg, server.url, RUN)
     assert again.resumed and again.updates == 2 and again.model.optimizer_steps == steps
-    assert again.seen == seen and len(seen) == 4
     assert again.version == version + 1  # it republishes its weights as the next version
+    assert again.seen == seen  # version 5 − 3 ≤ 2: still admissible, still remembered
     for k, v in lora_state_dict(again.model.pipe.unet).items():
         assert torch.equal(v, state[k]), k
     for k, v in again.model.models.flow_bar.state_dict().items():
         assert torch.equal(v, flow_bar[k]), k
     assert again.model.learner.opt.state_dict()["state"].keys() == learner.model.learner.opt.state_dict()["state"].keys()
-    _push(streams, keys, recs[1].to_msg())  # trained before the restart: still a duplicate
+    _push(streams, keys, fresh[1].to_msg())  # trained before the restart: a duplicate
     for r in _scored_records(cfg, server, n_rounds=1):
         _push(streams, keys, r.to_msg())
     m = again.update()
-    # the entry the dead learner held is reclaimed, but it is version 0 (lag 3): dropped
-    assert again.counters["dropped_stale"] == 2 and again.counters["duplicates"] == 3
+    # the entry the dead learner held is reclaimed, but it is version 0 (lag 5): dropped
+    assert again.counters["dropped_stale"] == 3 and again.counters["duplicates"] == 3
     assert m["update"] == 3 and set(m["sampled_versions"]) == {version + 1}
     assert streams.pending(keys.scored_streams[0], LEARNER_GROUP) == 0
     again.close()
