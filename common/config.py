@@ -265,7 +265,7 @@ class DistributedConfig:
     sampler_batch: int = 4  # trajectories per sampler round (one record each)
     max_policy_lag: int = 1  # the learner drops records sampled more than this many versions ago
     publish_every: int = 1  # learner updates per published LoRA version
-    checkpoint_every: int = 1  # learner updates per checkpoint (LoRA, g_φ, optimizer, counters, seen ids)
+    checkpoint_every: int = 1  # learner updates per checkpoint (LoRA, g_φ, optimizer, counters, seen ids); 0 = none
     reward_batch: int = 4  # trajectory records a reward worker reads and scores at once
     latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # latents on the wire
     block_ms: int = 200  # XREADGROUP block time (< redis.socket_timeout_s)
@@ -286,7 +286,7 @@ class DistributedConfig:
         require(self.sampler_batch >= 1, "sampler_batch", "must be >= 1")
         require(self.max_policy_lag >= 0, "max_policy_lag", "must be >= 0")
         require(self.publish_every >= 1, "publish_every", "must be >= 1")
-        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         require(self.reward_batch >= 1, "reward_batch", "must be >= 1")
         require(self.block_ms >= 1, "block_ms", "must be >= 1")
         require(self.block_ms / 1000 < self.redis.socket_timeout_s, "block_ms",
