@@ -145,6 +145,8 @@ def _bench_gmm(args) -> int:
     if args.method == "all":
         return _bench_gmm_all(spec, cfgs, args)
     cfg = cfgs[args.method]
+    if getattr(args, "distributed", False):
+        return _bench_gmm_distributed(spec, cfg, args)
     summary = run_gmm_bench(spec, cfg, args.out, progress=not args.no_progress)
     brief = {k: summary[k] for k in ("spec", "method", "seed", "tv", "mean_log_reward", "target_mean_log_reward",
                                       "updates", "wall_seconds", "flow_error")}
@@ -196,6 +198,27 @@ def _bench_gmm_all(spec, cfgs: dict, args) -> int:
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
     print(format_table(rows, refs))
     print(f"written: {out / 'comparison.json'}")
+    return 0
+
+
+def _bench_gmm_distributed(spec, cfg, args) -> int:
+    """`bench gmm --distributed`: bench/distributed_gmm.py (the one-process run too with --compare-local)."""
+    from nablagfn.bench.distributed_gmm import run_gmm_distributed
+
+    try:
+        summary = run_gmm_distributed(spec, cfg, args.out, progress=not args.no_progress,
+                                      compare_local=args.compare_local)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    keys = ("spec", "method", "mode", "seed", "tv", "mean_log_reward", "target_mean_log_reward", "updates",
+            "final_version", "train_seconds", "wall_seconds", "policy_lag", "one_process_tv", "tv_difference",
+            "within_tolerance", "tolerance", "one_process_train_seconds")
+    brief = {k: summary[k] for k in keys if k in summary}
+    brief["pretrained_tv"] = summary["pretrained"]["tv"]
+    brief["exact_flow_tv"] = summary["exact_flow"]["tv"]
+    brief["dropped_stale"] = summary["learner"]["dropped_stale"]
+    print(json.dumps(brief, indent=2))
     return 0
 
 
@@ -276,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pretrained model: ddpm (ε, SD schedule; default) or flow (rectified flow, flow-SDE sampler)")
     gmm.add_argument("--config", help="YAML file with GMMBenchConfig fields")
     gmm.add_argument("--no-progress", action="store_true")
+    gmm.add_argument("--distributed", action="store_true",
+                     help="run through the service: Ray sampler actors, a reward worker and the learner over Redis")
+    gmm.add_argument("--compare-local", dest="compare_local", action="store_true",
+                     help="with --distributed: also run the one-process benchmark and report the TV difference")
     gmm.set_defaults(func=_bench_gmm)
 
     step = bench_sub.add_parser("step", help="wall time and peak memory of one training update, per phase")
