@@ -150,3 +150,45 @@ def test_flow_net_takes_sdxl_conditioning(pipe):
     plain = FlowNet.from_pipeline(FlowNetConfig(block_out_channels=[32, 64]), pipe)
     torch.nn.init.normal_(plain.unet.conv_out.weight, std=0.1)
     assert torch.equal(plain(x, t, cond), plain(x, t, pooled_only))  # prompt-independent: text ignored
+
+
+def test_trainer_lora_reloads_in_the_sdxl_pipeline_to_its_final_samples(cache_dir, tmp_path):
+    """`nablagfn train --preset tiny-sdxl` (shrunk to 2 updates): the saved LoRA, loaded with plain
+    StableDiffusionXLPipeline.load_lora_weights, makes the pipeline's own DDIM η = 1 sampling draw the
+    trainer's final evaluation samples (same eval seed and prompts). 1e-4 on latents of scale ~1:
+    float32 round-off of the same ops; a lost α/r scaling or layer moves them by > 1e-2."""
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from nablagfn.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--mode", "local", "--preset", "tiny-sdxl", "--updates", "2", "--seed", "1",
+                 "--run-dir", str(run), "--no-progress", f"model_cache_dir={cache_dir}", "sampler.num_steps=4",
+                 "batch_trajectories=3", "train_batch_trajectories=0", "eval_trajectories=3", "grid_size=3",
+                 "flow_net.block_out_channels=[32]"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    end = load_file(str(run / "samples_end.safetensors"))["latents"]
+    start = load_file(str(run / "samples_start.safetensors"))["latents"]
+    assert (end - start).abs().max() > 1e-3  # the updates moved the policy
+    pipe = StableDiffusionXLPipeline.from_pretrained(cache_dir / "tiny-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run / "lora")
+    got = pipe(summary["eval_prompts"], num_inference_steps=4, guidance_scale=5.0, eta=1.0, output_type="latent",
+               generator=torch.Generator().manual_seed(summary["eval_seed"])).images
+    assert torch.allclose(got, end, atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_aesthetic_preset_is_the_authors_settings_on_sdxl():
+    from nablagfn.cli import load_preset
+    from nablagfn.common.config import TrainConfig
+    from nablagfn.common.config_io import build_config, validate
+
+    cfg = build_config(TrainConfig, load_preset("sdxl-aesthetic"))
+    validate(cfg)
+    assert cfg.model.family == "sdxl" and cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (cfg.objective.reward_scale, cfg.objective.unet_reg_scale, cfg.optim.lr) == (1e4, 1e3, 1e-3)
+    assert (cfg.sampler.kind, cfg.sampler.num_steps, cfg.sampler.eta, cfg.sampler.guidance_scale) == ("ddim", 50, 1.0, 5.0)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.batch_trajectories, cfg.reward.name) == (8, 8.0, 64, "aesthetic")
