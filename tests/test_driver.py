@@ -97,3 +97,17 @@ def test_unreachable_ray_address_fails_fast(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and time.perf_counter() - t0 < 30
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in err
+
+
+def test_stream_depth_is_bounded_by_what_the_learner_can_still_use():
+    from nablagfn.common.config import TrainConfig
+    from nablagfn.common.config_io import build_config
+    from nablagfn.driver import useful_depth
+
+    cfg = build_config(TrainConfig, {"batch_trajectories": 8}, overrides=["distributed.max_policy_lag=1"])
+    assert useful_depth(cfg) == 16  # (lag + 1) · publish_every · batch, below the configured 256
+    cfg = build_config(TrainConfig, {"batch_trajectories": 8}, overrides=[
+        "distributed.max_policy_lag=0", "distributed.checkpoint_every=3"])
+    assert useful_depth(cfg) == 25  # never below the un-acked records between checkpoints + 1
+    cfg = build_config(TrainConfig, {"batch_trajectories": 64}, overrides=["distributed.max_policy_lag=4"])
+    assert useful_depth(cfg) == 256  # the configured bound still caps it
