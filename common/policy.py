@@ -68,6 +68,7 @@ class PolicyCallables:
         self.device = device
         self.state_t = schedule.state_timesteps().to(device)
         self.alpha_bar = schedule.alpha_bar.to(device=device, dtype=torch.float32)
+        self.potential_flow = False  # g_φ = ∇_x Φ (objective.flow_potential; set by the learner)
 
     def eps(self, cond: torch.Tensor | RowCond, adapter: bool) -> EpsFn:
         rc = cond if isinstance(cond, RowCond) else RowCond(cond)
@@ -78,11 +79,30 @@ class PolicyCallables:
         return fn
 
     def flow(self, cond: torch.Tensor | RowCond, target: bool = False) -> EpsFn:
+        """g_φ(x, idx): FlowNet's output, or with `potential_flow` ∇_x Φ of Φ = Σ FlowNet(x) (the
+        online net keeps the graph for the parameters: a double backward, run with the MATH attention)."""
         rc = cond if isinstance(cond, RowCond) else RowCond(cond)
         net = self.flow_bar if target else self.flow_net
         if net is None:
             return lambda x, idx: torch.zeros_like(x)
-        return lambda x, idx: net(x, self.state_t[idx], rc(x.shape[0]))
+        if not self.potential_flow:
+            return lambda x, idx: net(x, self.state_t[idx], rc(x.shape[0]))
+        phi = self.potential(rc, target)
+
+        def grad_phi(x, idx):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                z = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(phi(z, idx).sum(), z, create_graph=not target)
+            return g
+        return grad_phi
+
+    def potential(self, cond: torch.Tensor | RowCond, target: bool = False):
+        """Φ(x, idx) per row (B,): the scalar log-flow correction, the sum of FlowNet's output map."""
+        rc = cond if isinstance(cond, RowCond) else RowCond(cond)
+        net = self.flow_bar if target else self.flow_net
+        return lambda x, idx: net(x, self.state_t[idx], rc(x.shape[0])).flatten(1).sum(1)
 
     def x0_fn(self, source: str, cond: torch.Tensor, state_idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """z ↦ x̂₀(z) of the `source` model ("pretrained" or "policy") at the rows' states."""

@@ -32,10 +32,13 @@ from nablagfn.common.config import TrainConfig
 from nablagfn.common.models.lora import lora_parameters
 from nablagfn.common.policy import (EpsFn, FlowQueries, PolicyCallables, RowCond as _RowCond,  # noqa: F401
                                     chunks as _chunks, needed_states, plan_flow_queries)
+from nablagfn.common.samplers import get_transition
 from nablagfn.common.trajectories import Trajectories
 
 from .objectives.flow_param import flow_guess, flow_value
-from .objectives.nabla_db import Nets, TransitionBatch, nabla_db_loss, stein_lambda_targets
+from .objectives.flow_param import gamma_t
+from .objectives.nabla_db import (Nets, TransitionBatch, log_flow_targets, log_ratio, nabla_db_loss,
+                                  stein_lambda_targets)
 
 LOSS_TERMS = ("forward", "backward", "terminal", "value", "regulariser", "loss")
 
@@ -46,7 +49,8 @@ class PolicyModels(PolicyCallables):
     def nets(self, cond: torch.Tensor, is_last: Optional[torch.Tensor] = None) -> Nets:
         rc = _RowCond(cond, is_last)
         return Nets(policy_eps=self.eps(rc, True), pretrained_eps=self.eps(rc, False),
-                    flow=self.flow(rc), target_flow=self.flow(rc, target=True))
+                    flow=self.flow(rc), target_flow=self.flow(rc, target=True),
+                    potential=self.potential(rc) if self.potential_flow and self.flow_net is not None else None)
 
 
 @dataclass
@@ -145,6 +149,7 @@ class NablaDBLearner:
             groups.append({"params": self.flow_params, "lr": o.flow_lr, "weight_decay": o.flow_weight_decay})
         self.opt = torch.optim.AdamW(groups, betas=tuple(o.betas))
         self.steps = 0
+        models.potential_flow = ob.flow_potential
 
     # -- flow values -------------------------------------------------------------------------------
     def query_flows(self, data: UpdateData) -> torch.Tensor:
@@ -199,6 +204,52 @@ class NablaDBLearner:
                                             first_step=first))
         return torch.cat(out)
 
+    def value_table(self, data: UpdateData) -> torch.Tensor:
+        """(B, N+1) values of the guess at the queried trajectory states, β γ_s log R(x̂₀(x_s)), and
+        β log R(x_N) at state N (zero where not queried or without a guess)."""
+        ob, q, s = self.cfg.objective, data.queries, data.scored
+        traj = data.traj
+        N = traj.num_steps
+        table = torch.zeros(traj.batch_size, N + 1, dtype=traj.states.dtype, device=traj.states.device)
+        st = q.row < 0
+        state = q.state[st]
+        weight = torch.where(state == N, torch.ones_like(self.models.alpha_bar[state]),
+                             gamma_t(self.models.alpha_bar[state], ob.gamma))
+        if ob.guess_x0_source == "none":
+            weight = torch.where(state == N, weight, torch.zeros_like(weight))
+        table[q.traj[st], state] = (ob.reward_scale * weight * s.log_r[st].to(weight)).to(table.dtype)
+        return table
+
+    @torch.no_grad()
+    def value_targets(self, data: UpdateData, vtab: torch.Tensor, first: int) -> torch.Tensor:
+        """λ-return targets V (B, N − first) for log F̃ at states first … N−1 (nabla_db.log_flow_targets):
+        ℓ_s from the behaviour ε and the pretrained ε at every state from `first` on."""
+        ob, sc, m = self.cfg.objective, self.cfg.sampler, self.models
+        traj = data.traj
+        if traj.keep_idx is not None:
+            raise ValueError("objective.value_loss_scale > 0 needs the behaviour ε at every step "
+                             "(trajectories sampled without keep_idx)")
+        N, step_fn = traj.num_steps, get_transition(sc.kind)
+        out = []
+        for sl in _chunks(traj.batch_size, self.cfg.chunk_trajectories):
+            cond = data.cond[sl]
+            eps_pre, phi_bar = m.eps(cond, adapter=False), m.potential(cond, target=True)
+            n = cond.shape[0]
+            ell = torch.zeros(n, N - first, dtype=traj.states.dtype, device=traj.states.device)
+            boot = torch.zeros(n, N - first + 1, dtype=ell.dtype, device=ell.device)
+            for i in range(first, N):
+                idx = torch.full((n,), i, dtype=torch.long, device=ell.device)
+                x = traj.states[sl, i]
+                a_t, a_n = m.alpha_bar[idx], m.alpha_bar[idx + 1]
+                pol = step_fn(x, traj.eps[sl, i], a_t, a_n, sc.eta)
+                pre = step_fn(x, eps_pre(x, idx), a_t, a_n, sc.eta)
+                ell[:, i - first] = log_ratio(traj.states[sl, i + 1], pol.mean, pre.mean, pre.std,
+                                              ob.pretrained_strength)
+                if ob.value_lambda < 1:
+                    boot[:, i - first] = vtab[sl, i] + phi_bar(x, idx)
+            out.append(log_flow_targets(ell, vtab[sl, N], boot, ob.value_lambda))
+        return torch.cat(out)
+
     def transition_batch(self, data: UpdateData) -> TransitionBatch:
         """All B·K kept transitions (rows ordered trajectory-major) with guesses and targets."""
         ob, m = self.cfg.objective, self.models
@@ -218,8 +269,13 @@ class NablaDBLearner:
             first = int(keep.min())
             stein_target = self.stein_targets(data, table, first)[rows, idx - first]
         extra = {}
+        if ob.value_loss_scale > 0 and not ob.no_flow:
+            first = int(keep.min())
+            vtab = self.value_table(data)
+            extra = {"log_flow_target": self.value_targets(data, vtab, first)[rows, idx - first],
+                     "guess_value": vtab[rows, idx]}
         if fwd is not None:
-            extra = {"fwd_point": data.fwd_point, "fwd_guess": fwd, "fwd_terminal_flow": fwd}
+            extra |= {"fwd_point": data.fwd_point, "fwd_guess": fwd, "fwd_terminal_flow": fwd}
         return TransitionBatch(
             x=traj.states[rows, idx], x_next=traj.states[rows, idx + 1], step_idx=idx,
             alpha_bar_t=m.alpha_bar[idx], alpha_bar_next=m.alpha_bar[idx + 1], is_last=idx == N - 1,

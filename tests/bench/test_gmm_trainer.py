@@ -42,3 +42,26 @@ def test_each_estimator_runs_an_update_with_finite_terms():
         terms = _trainer(backward_estimator=est).update()
         assert all(torch.isfinite(torch.tensor(v)) for v in terms.values()), (est, terms)
         assert terms["loss"] > 0
+
+
+def test_potential_flow_is_the_gradient_of_phi_and_the_value_term_trains_it():
+    tr = _trainer(flow_potential=True, flow_output="score", value_loss_scale=1.0)
+    with torch.no_grad():  # give Φ a non-zero output layer so the gradient is not trivially zero
+        tr.flow.out.weight.normal_(0, 0.1)
+    x, idx = torch.randn(4, 2), torch.full((4,), 5)
+    g = tr.raw_flow(tr.flow, x, idx)
+    h = 1e-2  # float32 central differences: O(h²) truncation plus ~1e-7/h round-off, well under 1e-3
+    for j in range(2):
+        e = torch.zeros_like(x)
+        e[:, j] = h
+        fd = (tr.potential(tr.flow, x + e, idx) - tr.potential(tr.flow, x - e, idx)) / (2 * h)
+        torch.testing.assert_close(g[:, j], fd.detach(), rtol=0, atol=1e-3)
+    before = [p.clone() for p in tr.flow.parameters()]
+    terms = tr.update()
+    assert terms["value"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    assert any((p - b).abs().max() > 0 for b, p in zip(before, tr.flow.parameters()))
+
+
+def test_default_bench_objective_is_the_potential_with_the_value_term():
+    ob = GMMBenchConfig().objective
+    assert ob.flow_potential and ob.value_loss_scale > 0 and ob.value_fit == "log_mean_exp"

@@ -51,7 +51,10 @@ class GMMBenchConfig:
     final_samples: int = 8192
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(guidance_scale=0.0))
     subsample: SubsampleConfig = field(default_factory=SubsampleConfig)
-    objective: NablaDBConfig = field(default_factory=NablaDBConfig)
+    # the residual ∇-DB layout that measured best here (ALGORITHM.md §2a + the value term, see
+    # learner/objectives/nabla_db.py): g_φ = ∇Φ with the log-space DB value term fitted log-mean-exp
+    objective: NablaDBConfig = field(default_factory=lambda: NablaDBConfig(
+        flow_potential=True, flow_output="score", value_loss_scale=1.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=0.0, flow_weight_decay=0.0))
 
     def validate(self) -> None:
