@@ -390,12 +390,12 @@ class TrainConfig:
     run_dir: str = "runs/train"
     eval_trajectories: int = 16  # fixed prompts + fixed noise, sampled at the start and the end
     eval_every: int = 0  # also evaluate every this many updates; 0 = start and end only
+    checkpoint_every: int = 0  # also save the LoRA to run_dir/checkpoints/update_<n>/ every this many updates; 0 = end only
     grid_size: int = 8  # images in samples_start.png / samples_end.png (the first eval samples)
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu, cuda, cuda:N
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     model_cache_dir: str | None = None  # where presets (model.pretrained=tiny) are built; None = ~/.cache/nablagfn/models
     progress: bool = True  # tqdm progress bar
-    checkpoint_every: int = 0  # also save the LoRA to run_dir/checkpoints/update_<n>/ every this many updates; 0 = end only
 
     def validate(self) -> None:
         require(self.updates >= 0, "updates", f"must be >= 0, got {self.updates}")
@@ -407,12 +407,12 @@ class TrainConfig:
         require(bool(self.run_dir), "run_dir", "must name a directory")
         require(self.eval_trajectories >= 1, "eval_trajectories", "must be >= 1")
         require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         require(1 <= self.grid_size <= self.eval_trajectories, "grid_size",
                 f"must be in [1, eval_trajectories={self.eval_trajectories}], got {self.grid_size}")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
                 or self.device == "mps", "device", f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         require(self.threads >= 0, "threads", "must be >= 0")
-        require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
 
 
 @dataclass
