@@ -35,7 +35,7 @@ from nablagfn.common.config_io import validate
 from nablagfn.common.transport import LoraRegistry, StreamClient, TrajectoryRecord
 from nablagfn.common.transport.keys import RunKeys
 
-from .trajectory_records import trajectory_records
+from .trajectory_records import needed_eps, trajectory_records
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -243,7 +243,8 @@ class DiffusionSamplerPolicy:
         queries, fwd_point = plan_flow_queries(self.models, traj, keep, cond, cfg)
         return trajectory_records(traj, keep, cond, ids.tolist(), prompts, queries, fwd_point,
                                   needed_states(keep, sc.num_steps, cfg), timesteps=self.schedule.timesteps,
-                                  meta=meta, actor=actor, latent_dtype=self.latent_dtype)
+                                  meta=meta, actor=actor, latent_dtype=self.latent_dtype,
+                                  eps_steps=needed_eps(keep.cpu(), sc.num_steps, cfg))
 
 
 class SamplerActor(SamplerLoop):

@@ -11,6 +11,8 @@ batch from it), decided here at sampling time so nothing unused crosses the wire
   trajectory state, else the kept row k of a forward point), query_x0 — minus the terminal state,
   whose x̂₀ is `final` itself and whose reward the worker always computes;
 - fwd_point (K, *S), μ#(x_t) per kept row, when objective.forward_point = pretrained_mean;
+- the behaviour ε at the other steps the value term reads (`needed_eps`: every step from the
+  earliest kept one on, when objective.value_loss_scale > 0), as eps_path (E, *S) + eps_idx (E,);
 - cond_emb (L, D), the prompt's text embedding, and the sampler's timesteps (N,).
 Latents and embeddings are cast to `latent_dtype`; indices are int64.
 """
@@ -21,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from nablagfn.common.config import TrainConfig
 from nablagfn.common.policy import FlowQueries
 from nablagfn.common.trajectories import Trajectories
 from nablagfn.common.transport import TrajectoryRecord
@@ -32,16 +35,30 @@ def new_traj_id(actor: str) -> str:
     return f"{actor}-{uuid.uuid4().hex}"
 
 
+def needed_eps(keep: torch.Tensor, num_steps: int, cfg: TrainConfig) -> Optional[torch.Tensor]:
+    """(B, N) bool: the steps whose behaviour ε the learner reads besides the kept ones — every
+    step from the earliest kept one on when the value term is on (its log-ratio ℓ_s needs the
+    behaviour mean at each step) — or None."""
+    ob = cfg.objective
+    if getattr(ob, "value_loss_scale", 0.0) <= 0 or ob.no_flow:
+        return None
+    out = torch.zeros(keep.shape[0], num_steps, dtype=torch.bool)
+    out[:, int(keep.min()):] = True
+    return out
+
+
 def trajectory_records(traj: Trajectories, keep: torch.Tensor, cond: torch.Tensor,
                        prompt_ids: Sequence[int], prompts: Sequence[str], queries: FlowQueries,
                        fwd_point: Optional[torch.Tensor], needed: torch.Tensor, *,
                        timesteps: torch.Tensor, meta: dict, actor: str,
-                       latent_dtype: torch.dtype = torch.float32) -> list[TrajectoryRecord]:
+                       latent_dtype: torch.dtype = torch.float32,
+                       eps_steps: Optional[torch.Tensor] = None) -> list[TrajectoryRecord]:
     """Records of the B trajectories of one batch.
 
     traj: states (B, N+1, *S) and ε (B, N, *S) at every step (sampled without keep_idx);
     keep (B, K); cond (B, L, D); queries / fwd_point as `plan_flow_queries` returns them (rows of
-    fwd_point trajectory-major, B·K); needed (B, N+1) bool, `needed_states`. `meta` holds the fields
+    fwd_point trajectory-major, B·K); needed (B, N+1) bool, `needed_states`; eps_steps (B, N) bool or
+    None, `needed_eps` (also the states there are carried). `meta` holds the fields
     shared by the batch (run_id, policy_version, sampler, num_steps, ...); traj_id, prompt_id and
     prompt are added per record.
     """
@@ -65,7 +82,10 @@ def trajectory_records(traj: Trajectories, keep: torch.Tensor, cond: torch.Tenso
     for b in range(B):
         k = keep[b]
         carried = set(k.tolist()) | set((k + 1).tolist()) | {N}
-        extra = [s for s in needed[b].nonzero(as_tuple=True)[0].tolist() if s not in carried]
+        need_b = needed[b].clone()
+        if eps_steps is not None:
+            need_b[:N] |= eps_steps[b].to(need_b.device)
+        extra = [s for s in need_b.nonzero(as_tuple=True)[0].tolist() if s not in carried]
         sel = (q_traj == b) & ~((q_row < 0) & (q_state == N))
         rows = q_row[sel]
         tensors = {
@@ -82,6 +102,13 @@ def trajectory_records(traj: Trajectories, keep: torch.Tensor, cond: torch.Tenso
             tensors["state_idx"] = idx
         if fwd is not None:
             tensors["fwd_point"] = lat(fwd[b * K:(b + 1) * K])
+        if eps_steps is not None:
+            kept = set(k.tolist())
+            e_idx = [i for i in eps_steps[b].nonzero(as_tuple=True)[0].tolist() if i not in kept]
+            if e_idx:
+                idx = torch.tensor(e_idx, dtype=torch.long)
+                tensors["eps_idx"] = idx
+                tensors["eps_path"] = lat(eps[b, idx])
         rec_meta = {**meta, "traj_id": new_traj_id(actor), "prompt_id": int(prompt_ids[b]),
                     "prompt": str(prompts[b]), "actor": actor}
         out.append(TrajectoryRecord(meta=rec_meta, tensors=tensors))

@@ -9,6 +9,9 @@ one from `final` with log_reward / grad_final, then the forward-point queries by
 on rebuilt data is the update the one-process trainer makes on the same samples. query x0 is set to
 the query point x: the learner recomputes x̂₀(x) for the chain rule and never reads it.
 
+With the value term on, records carry the behaviour ε along the path (eps_path): the batch then
+holds a (B, N, *S) ε table (keep_idx None), zero where a record carries none.
+
 `check_record` is the per-record gate the learner applies before batching (run id, sampler, steps,
 schedule, kept count, the states and queries the objective needs); it raises RecordError with the
 field, so the learner can dead-letter the record and go on.
@@ -24,7 +27,7 @@ from nablagfn.common.policy import FlowQueries, needed_states
 from nablagfn.common.subsample import num_kept
 from nablagfn.common.trajectories import Trajectories
 from nablagfn.common.transport import RecordError, ScoredRecord
-from nablagfn.common.transport.records import carried_states
+from nablagfn.common.transport.records import carried_eps, carried_states
 
 from .nabla_db_step import ScoredQueries, UpdateData
 
@@ -57,6 +60,16 @@ def check_record(rec: ScoredRecord, cfg: TrainConfig, timesteps: torch.Tensor, r
     missing = sorted(need - queried - {N})
     if missing:
         raise RecordError(f"tensors.query_state: states {missing[:8]} need a flow query")
+    ob = cfg.objective
+    if getattr(ob, "value_loss_scale", 0.0) > 0 and not ob.no_flow:  # ℓ_s at every step from the first kept
+        first = int(keep.min())
+        missing = sorted(set(range(first, N)) - carried_eps(t))
+        if missing:
+            raise RecordError(f"tensors.eps_path: the behaviour ε at steps {missing[:8]} is needed by the "
+                              "value term (objective.value_loss_scale > 0) but not carried")
+        missing = sorted(set(range(first, N + 1)) - have)
+        if missing:
+            raise RecordError(f"tensors.states: states {missing[:8]} are needed by the value term but not carried")
     fwd = cfg.objective.forward_point == "pretrained_mean"
     if fwd and "fwd_point" not in t:
         raise RecordError("tensors.fwd_point: missing (objective.forward_point=pretrained_mean)")
@@ -84,6 +97,14 @@ def update_data(records: Sequence[ScoredRecord], device: torch.device | str = "c
     states = torch.zeros((B, N + 1) + S, device=device)
     keep = torch.stack([r.tensors["step_idx"].long() for r in records]).to(device)
     eps = torch.stack([f32(r.tensors["eps_behaviour"]) for r in records])
+    keep_idx = keep
+    if any("eps_idx" in r.tensors for r in records):  # the ε path: a (B, N, *S) table, 0 where not carried
+        full = torch.zeros((B, N) + S, device=device)
+        for b, r in enumerate(records):
+            full[b, keep[b]] = eps[b]
+            if "eps_idx" in r.tensors:
+                full[b, r.tensors["eps_idx"].long().to(device)] = f32(r.tensors["eps_path"])
+        eps, keep_idx = full, None
     cond = torch.stack([f32(r.tensors["cond_emb"]) for r in records])
     t_x, t_state, t_traj, t_row, t_logr, t_grad = [], [], [], [], [], []
     f_x, f_state, f_traj, f_row, f_logr, f_grad = [], [], [], [], [], []
@@ -134,7 +155,7 @@ def update_data(records: Sequence[ScoredRecord], device: torch.device | str = "c
     log_r = torch.stack(t_logr + f_logr).float()
     scored = ScoredQueries(log_r=log_r, grad=torch.stack(t_grad + f_grad),
                            valid=torch.ones_like(log_r, dtype=torch.bool))
-    traj = Trajectories(states=states, eps=eps, x0=torch.zeros_like(eps), keep_idx=keep)
+    traj = Trajectories(states=states, eps=eps, x0=torch.zeros_like(eps), keep_idx=keep_idx)
     return UpdateData(traj=traj, keep=keep, cond=cond, prompts=[r.meta["prompt"] for r in records],
                       queries=queries, scored=scored,
                       fwd_point=torch.cat(fwd_points) if fwd_points else None)

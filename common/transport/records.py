@@ -18,13 +18,16 @@ Shapes, with N = meta.num_steps, K = kept transitions, S = the latent shape (= f
     reward is taken at. row −1: the trajectory state query_state (< N: the terminal one is
     `final` itself, scored as grad_final), which the record must carry (in states, x_t or x_next);
     row k ≥ 0: the forward point fwd_point[k] (K, *S) of kept transition k, at state step_idx[k]+1.
+  optional eps_idx (E,) int64 (strictly increasing in [0, N)) with eps_path (E, *S): the behaviour ε
+    at more steps than the kept ones (the value term reads it at every step from the earliest kept)
 Latents are float16/bfloat16/float32. A scored record adds meta log_reward (finite float) and
 reward_name, tensors grad_final (*S) = ∇ log R(final), optional log_reward_x0 (K,) and
 grad_x0 (K, *S) = ∇_{x̂₀} log R at the kept x̂₀, and query_log_r (Q,) and query_grad (Q, *S) =
 log R and ∇_{x̂₀} log R at each query_x0 (required when the record has queries), all float32;
 it may leave query_x0 out (the learner recomputes x̂₀(x) for the chain rule).
 
-Schema history: 1 = the kept transitions; 2 = + state_idx, flow queries, fwd_point, query scores.
+Schema history: 1 = the kept transitions; 2 = + state_idx, flow queries, fwd_point, query scores;
+3 = + eps_idx / eps_path.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch
 from .codec import DEFAULT_MAX_BYTES, FLOAT_DTYPES, decode, dtype_name, encode, is_tensor
 from .errors import RecordError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LATENT_DTYPES = frozenset({"float16", "bfloat16", "float32"})
 _INT64 = frozenset({"int64"})
 _F32 = frozenset({"float32"})
@@ -46,7 +49,7 @@ _MAX_META_DEPTH = 4
 
 Tensor = np.ndarray | torch.Tensor
 
-# name -> (required, allowed dtypes, shape rule); rules: "N", "K", "M", "Q", "K,S", "Q,S", "S",
+# name -> (required, allowed dtypes, shape rule); rules: "N", "K", "M", "Q", "E", "K,S", "Q,S", "E,S", "S",
 # "L,D", and "states" = (M, *S) with state_idx, else (N+1, *S)
 TRAJECTORY_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
     "timesteps": (True, _INT64, "N"),
@@ -64,6 +67,8 @@ TRAJECTORY_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
     "query_row": (False, _INT64, "Q"),
     "query_x0": (False, LATENT_DTYPES, "Q,S"),
     "fwd_point": (False, LATENT_DTYPES, "K,S"),
+    "eps_idx": (False, _INT64, "E"),
+    "eps_path": (False, LATENT_DTYPES, "E,S"),
 }
 QUERY_TENSORS = ("query_state", "query_row", "query_x0")
 SCORED_TENSORS: dict[str, tuple[bool, frozenset[str], str]] = {
@@ -166,14 +171,15 @@ def _check_tensors(tensors: Any, spec: dict[str, tuple[bool, frozenset[str], str
     _check_together(tensors, spec)
     M = _length(tensors, "state_idx")
     Q = _length(tensors, "query_state")
+    E = _length(tensors, "eps_idx")
     for name, t in tensors.items():
         rule, shape = spec[name][2], tuple(t.shape)
         if rule == "L,D":
             if len(shape) != 2:
                 raise RecordError(f"tensors.{name}: shape {shape}, expected rank 2 (L, D)")
             continue
-        expected = {"N": (num_steps,), "K": (K,), "M": (M,), "Q": (Q,), "S": S, "K,S": (K, *S),
-                    "Q,S": (Q, *S),
+        expected = {"N": (num_steps,), "K": (K,), "M": (M,), "Q": (Q,), "E": (E,), "S": S, "K,S": (K, *S),
+                    "Q,S": (Q, *S), "E,S": (E, *S),
                     "states": (num_steps + 1 if M is None else M, *S)}[rule]
         if shape != expected:
             raise RecordError(f"tensors.{name}: shape {shape}, expected {expected}")
@@ -186,6 +192,8 @@ def _check_tensors(tensors: Any, spec: dict[str, tuple[bool, frozenset[str], str
         raise RecordError(f"tensors.step_idx: values in [{lo}, {hi}], expected [0, {num_steps})")
     if M is not None:
         _check_state_idx(tensors["state_idx"], num_steps)
+    if E is not None:
+        _check_state_idx(tensors["eps_idx"], num_steps - 1, "eps_idx")
     if Q is not None:
         _check_queries(tensors, num_steps)
 
@@ -209,6 +217,9 @@ def _check_together(tensors: dict, spec: dict) -> None:
     (scored records) the query scores with the queries."""
     if "state_idx" in tensors and "states" not in tensors:
         raise RecordError("tensors.states: missing (state_idx names the states it holds)")
+    for a, b in (("eps_idx", "eps_path"), ("eps_path", "eps_idx")):
+        if a in tensors and b not in tensors:
+            raise RecordError(f"tensors.{b}: missing (it comes with {a})")
     scored = all(n in spec for n in QUERY_SCORES)
     # a scored record may drop query_x0: the learner recomputes x̂₀(x) to chain the gradient
     together = QUERY_TENSORS[:2] if scored else QUERY_TENSORS
@@ -224,13 +235,20 @@ def _check_together(tensors: dict, spec: dict) -> None:
                 raise RecordError(f"tensors.{n}: present without flow queries")
 
 
-def _check_state_idx(state_idx: Tensor, num_steps: int) -> None:
+def _check_state_idx(state_idx: Tensor, top: int, name: str = "state_idx") -> None:
     idx = _as_list(state_idx)
-    if idx and (idx[0] < 0 or idx[-1] > num_steps):
-        raise RecordError(f"tensors.state_idx: values in [{min(idx)}, {max(idx)}], "
-                          f"expected [0, {num_steps}]")
+    if idx and (min(idx) < 0 or max(idx) > top):
+        raise RecordError(f"tensors.{name}: values in [{min(idx)}, {max(idx)}], expected [0, {top}]")
     if any(b <= a for a, b in zip(idx, idx[1:])):
-        raise RecordError("tensors.state_idx: must be strictly increasing")
+        raise RecordError(f"tensors.{name}: must be strictly increasing")
+
+
+def carried_eps(tensors: dict) -> set[int]:
+    """Steps whose behaviour ε a record holds: step_idx (eps_behaviour) and eps_idx (eps_path)."""
+    out = set(_as_list(tensors["step_idx"]))
+    if "eps_idx" in tensors:
+        out |= set(_as_list(tensors["eps_idx"]))
+    return out
 
 
 def carried_states(tensors: dict, num_steps: int) -> set[int]:

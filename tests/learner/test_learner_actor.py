@@ -5,7 +5,7 @@ records and keeps going; a restarted learner resumes from its checkpoint."""
 import torch
 
 from nablagfn.actors.sampler_actor import SamplerActor
-from nablagfn.actors.trajectory_records import trajectory_records
+from nablagfn.actors.trajectory_records import needed_eps, trajectory_records
 from nablagfn.cli import load_preset
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import build_config
@@ -57,6 +57,9 @@ def _cfg(tiny_dir, run_dir, *extra, updates=2):
 @pytest.mark.parametrize("extra", [
     [],  # the default objective: λ-return Stein target, pretrained x̂₀ guess
     ["objective.forward_point=pretrained_mean", "objective.backward_estimator=stein"],
+    # the scalar-potential flow with the value term: records carry the behaviour ε path
+    ["objective.flow_potential=true", "objective.flow_output=score", "objective.value_loss_scale=1.0",
+     "objective.value_lambda=0.5"],
 ])
 def test_rebuilt_batch_is_the_one_process_update(tiny_dir, tmp_path, server, extra):
     """Sample + plan + score as the one-process trainer does; send the same samples through
@@ -75,7 +78,7 @@ def test_rebuilt_batch_is_the_one_process_update(tiny_dir, tmp_path, server, ext
                                  needed_states(keep, cfg.sampler.num_steps, cfg),
                                  timesteps=tr.schedule.timesteps,
                                  meta={"run_id": RUN, "policy_version": 0, "sampler": "ddim", "num_steps": 4},
-                                 actor="sampler-0")
+                                 actor="sampler-0", eps_steps=needed_eps(keep.cpu(), cfg.sampler.num_steps, cfg))
     worker = RewardWorker(cfg, 0, server.url)
     wire = [ScoredRecord.from_msg(s.to_msg()) for s in worker.score(
         [TrajectoryRecord.from_msg(r.to_msg()) for r in records])]
@@ -91,11 +94,13 @@ def test_rebuilt_batch_is_the_one_process_update(tiny_dir, tmp_path, server, ext
     torch.testing.assert_close(rebuilt.scored.grad, local.scored.grad, rtol=1e-5, atol=1e-8)
     a, b = tr.learner.transition_batch(local), tr.learner.transition_batch(rebuilt)
     for f in ("x", "x_next", "step_idx", "eps_behaviour", "guess", "guess_next", "terminal_flow",
-              "stein_target", "fwd_point", "fwd_guess"):
+              "stein_target", "fwd_point", "fwd_guess", "log_flow_target", "guess_value"):
         va, vb = getattr(a, f), getattr(b, f)
         assert (va is None) == (vb is None), f
         if va is not None:  # same tolerance and reason as above (the guesses are linear in ∇log R)
             torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-6, msg=f)
+    if "objective.value_loss_scale=1.0" in extra:
+        assert "eps_idx" in records[0].tensors and b.log_flow_target is not None
     if not extra:  # the default objective needs every state from the earliest kept step on
         first = int(keep.min())
         rec = records[0].tensors

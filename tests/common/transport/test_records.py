@@ -219,8 +219,8 @@ def queried_scored(**kw):
     return ScoredRecord.from_trajectory(rec, **{**args, **kw})
 
 
-def test_schema_version_is_two():
-    assert SCHEMA_VERSION == 2  # records of schema 1 lack the queries the learner needs
+def test_schema_version_is_three():
+    assert SCHEMA_VERSION == 3  # schema 1 lacks the queries the learner needs, 2 the ε path
 
 
 def test_queried_records_round_trip():
@@ -295,3 +295,23 @@ def test_query_tensors_come_together():
         queried_scored(query_grad=g).validate()
     with pytest.raises(RecordError, match="tensors.query_log_r: dtype float16"):
         queried_scored(query_log_r=torch.zeros(4, dtype=torch.float16)).validate()
+
+
+def test_eps_path_follows_eps_idx():
+    rec = queried_traj()
+    S = tuple(rec.tensors["final"].shape)
+    rec.tensors["eps_idx"] = torch.tensor([2, 4])
+    rec.tensors["eps_path"] = torch.randn(2, *S)
+    assert TrajectoryRecord.from_msg(rec.to_msg()).tensors["eps_idx"].tolist() == [2, 4]
+    from nablagfn.common.transport.records import carried_eps
+    assert carried_eps(rec.tensors) == {2, 3, 4, 5}
+    for bad, msg in ((torch.tensor([4, 2]), "eps_idx: must be strictly increasing"),
+                     (torch.tensor([2, 6]), r"eps_idx: values in \[2, 6\], expected \[0, 5\]"),
+                     (torch.tensor([2, 3, 4]), r"eps_path: shape \(2, 2, 4, 4\), expected \(3, 2, 4, 4\)")):
+        r = queried_traj()
+        r.tensors["eps_idx"], r.tensors["eps_path"] = bad, rec.tensors["eps_path"]
+        with pytest.raises(RecordError, match=msg):
+            TrajectoryRecord.from_msg(_wire(r))
+    del rec.tensors["eps_idx"]
+    with pytest.raises(RecordError, match="tensors.eps_idx: missing"):
+        rec.validate()
