@@ -65,3 +65,20 @@ def test_potential_flow_is_the_gradient_of_phi_and_the_value_term_trains_it():
 def test_default_bench_objective_is_the_potential_with_the_value_term():
     ob = GMMBenchConfig().objective
     assert ob.flow_potential and ob.value_loss_scale > 0 and ob.value_fit == "log_mean_exp"
+
+
+def test_weight_ema_averages_and_swaps_back():
+    from nablagfn.bench.gmm.models import WeightEMA
+
+    net = torch.nn.Linear(2, 1)
+    ema = WeightEMA(net, decay=0.75)
+    start = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update()  # shadow ← shadow + 0.25 (p − shadow) = start + 0.25
+    with ema.applied():
+        for s, p in zip(start, net.parameters()):
+            torch.testing.assert_close(p, s + 0.25)
+    for s, p in zip(start, net.parameters()):  # the online weights are back
+        torch.testing.assert_close(p, s + 1.0)

@@ -1,6 +1,7 @@
 """`nablagfn bench gmm`: run one method on a spec and write samples.npy, summary.json, curve PNG."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from nablagfn.common.config_io import to_dict
 from . import exact
 from .baselines import ALL_METHODS, make_baseline_trainer
 from .flow_problem import make_problem
+from .models import WeightEMA
 from .run import GMMBenchConfig, GMMProblem, Trainer, exact_flow_shift, measure
 from .spec import GMMSpec
 
@@ -69,13 +71,22 @@ def run_gmm_bench(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path, progr
     (out / "curve.jsonl").unlink(missing_ok=True)
     last_terms: dict = {}
 
+    ema = WeightEMA(trainer.residual, cfg.policy_ema) if cfg.policy_ema > 0 else None
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
+
     def evaluate(u: int) -> None:
+        """TV and mean log-reward of the policy that is reported (the weight average, when on)."""
         gen = torch.Generator().manual_seed(cfg.seed + 1000 + u)
-        s, _ = problem.sample(trainer.policy_eps, cfg.eval_samples, gen)
+        with averaged():
+            s, _ = problem.sample(trainer.policy_eps, cfg.eval_samples, gen)
         m = measure(problem, s[:, -1])
-        curve.append({"update": u, "tv": m["tv"], "mean_log_reward": m["mean_log_reward"],
-                      "flow_error": trainer.flow_error(), "loss": dict(last_terms),
-                      "seconds": time.perf_counter() - t0})
+        point = {"update": u, "tv": m["tv"], "mean_log_reward": m["mean_log_reward"]}
+        if ema is not None:  # the online iterate beside it, for diagnostics
+            s, _ = problem.sample(trainer.policy_eps, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 1000 + u))
+            online = measure(problem, s[:, -1])
+            point |= {"tv_online": online["tv"], "mean_log_reward_online": online["mean_log_reward"]}
+        curve.append(point | {"flow_error": trainer.flow_error(), "loss": dict(last_terms),
+                              "seconds": time.perf_counter() - t0})
         with open(out / "curve.jsonl", "a") as fh:  # readable while the run goes on
             fh.write(json.dumps(curve[-1]) + "\n")
 
@@ -86,11 +97,14 @@ def run_gmm_bench(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path, progr
             evaluate(u)
             bar.set_postfix(tv=f"{curve[-1]['tv']:.3f}")
         last_terms = trainer.update()
+        if ema is not None:
+            ema.update()
     train_seconds = time.perf_counter() - t0
     evaluate(cfg.updates)
 
     gen = torch.Generator().manual_seed(cfg.seed + 99)
-    final, _ = problem.sample(trainer.policy_eps, cfg.final_samples, gen)
+    with averaged():
+        final, _ = problem.sample(trainer.policy_eps, cfg.final_samples, gen)
     samples = final[:, -1].double()
     np.save(out / "samples.npy", samples.numpy())
     refs = reference_figures(problem, cfg.final_samples, cfg.seed)

@@ -5,6 +5,7 @@ starts at the pretrained model); g_φ is an MLP of the same shape, also starting
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,3 +39,34 @@ class TimeMLP(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         h = self.inp(x) + self.time(timestep_embedding(timesteps, self.emb_dim))
         return self.out(self.body(h))
+
+
+class WeightEMA:
+    """An exponential moving average of a module's parameters, swapped in for evaluation.
+
+    Sampling from the averaged policy removes the update-to-update jitter of the mode weights
+    (the flow and the policy chase each other; their average is steadier than any one iterate).
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module, self.decay = module, float(decay)
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.module.parameters()):
+            s.lerp_(p.detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Within the block the module holds the averaged weights; its own come back after."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.module.parameters()]
+            for s, p in zip(self.shadow, self.module.parameters()):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for s, p in zip(saved, self.module.parameters()):
+                    p.copy_(s)

@@ -38,7 +38,7 @@ class GMMBenchConfig:
     method: str = "residual-nabla-db"
     model_family: str = "ddpm"  # "ddpm", or "flow": a rectified-flow pretrained model (flow_problem.py)
     seed: int = 0
-    updates: int = 4000
+    updates: int = 3000
     batch_trajectories: int = 64
     hidden: int = 256
     layers: int = 3
@@ -47,6 +47,7 @@ class GMMBenchConfig:
     threads: int = 1  # torch intra-op threads: tiny MLPs run fastest on one
     oracle_flow: bool = False  # diagnostic: the exact ∇log F̃ as the guess (use with objective.no_flow)
     oracle_policy: bool = False  # diagnostic: the policy fixed at the exact-flow sampler; only g_φ learns
+    policy_ema: float = 0.995  # decay of the policy-weight average that evaluation samples from (0 = off)
     eval_samples: int = 4096
     final_samples: int = 8192
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(guidance_scale=0.0))
@@ -63,6 +64,7 @@ class GMMBenchConfig:
         require(self.final_samples >= 4096, "final_samples", "must be >= 4096")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(self.threads >= 1, "threads", "must be >= 1")
+        require(0 <= self.policy_ema < 1, "policy_ema", "must be in [0, 1)")
 
 
 class GMMProblem:
