@@ -33,7 +33,9 @@ def server(tmp_path):
 
 def test_gmm_service_batch_is_the_one_process_batch(tmp_path, server):
     spec = load_spec(SPEC)
-    cfg = build_config(GMMBenchConfig, {"updates": 3, "batch_trajectories": 8, "hidden": 32, "emb_dim": 16})
+    cfg = build_config(GMMBenchConfig, {"updates": 3, "batch_trajectories": 8, "hidden": 32, "emb_dim": 16},
+                       overrides=["objective.flow_potential=true", "objective.flow_output=score",
+                                  "objective.value_loss_scale=1.0", "objective.value_lambda=0.5"])
     dcfg = default_distributed(cfg)
     learner = GMMLearnerActor(spec, cfg, dcfg, server.url, "gmm-test", str(tmp_path / "learner"))
     sampler = GMMSamplerActor(spec, cfg, dcfg, 0, server.url, "gmm-test")
@@ -69,6 +71,15 @@ def test_gmm_service_batch_is_the_one_process_batch(tmp_path, server):
                                    first_step=first)
     torch.testing.assert_close(T_service, T_local, rtol=1e-5, atol=1e-6)  # float32 round-off of one VJP chain
 
+    # the value term: λ-return log-flow targets from the carried ε path and the service's log R
+    assert data.traj.keep_idx is None  # the records carried the behaviour ε from the first kept step
+    V_service, vtab = model.value_terms(data, first)
+    V_local = tr.value_targets(states, data.traj.eps, exact.log_reward(spec, states[:, N].double()).float())
+    torch.testing.assert_close(V_service, V_local[:, first:], rtol=1e-5, atol=1e-5)  # same float32 ops, other order
+    K = data.keep.shape[1]
+    rows, idx = torch.arange(8)[:, None].expand(8, K).reshape(-1), data.keep.reshape(-1)
+    torch.testing.assert_close(vtab[rows, idx], tr.guess_value(states[rows, idx], idx), rtol=1e-6, atol=1e-6)
+
     for _ in range(3):  # three updates, each on two fresh rounds of 4
         sampler.step()
         sampler.step()
@@ -77,6 +88,12 @@ def test_gmm_service_batch_is_the_one_process_batch(tmp_path, server):
         assert all(0 <= m["trained_at_version"] - v <= dcfg.max_policy_lag for v in m["sampled_versions"])
         assert m["loss"] == m["loss"]  # finite, not NaN
     assert learner.version == 3 and sampler.version == 2  # the sampler loaded each new version
+    if model.ema is not None:  # policy_ema: the weight average is published beside every version
+        from nablagfn.bench.distributed_gmm import ema_registry
+        reg = ema_registry(learner.registry.conn, learner.keys, dcfg)
+        assert reg.latest_version() == 3
+        for k, v in reg.fetch(3).items():
+            assert torch.equal(v, model.ema[k]), k
     for a in (learner, sampler, worker):
         a.close()
 

@@ -19,8 +19,11 @@ The driver (this module) tails the learner's metrics, evaluates the latest publi
 config for the bar: TV within 0.03 of it for the same update count.
 
 Supported: the residual ∇-DB method with the guess from the pretrained or policy x̂₀ (or none),
-the `sampled`/`stein`/`stein_lambda` backward estimators, forward_point=sample; the diagnostics
-(oracle_*), the value term and the flow potential run in the one-process benchmark only.
+the `sampled`/`stein`/`stein_lambda` backward estimators, the scalar-potential flow and the value
+term (samplers then carry the behaviour ε path), forward_point=sample, and the policy weight
+average that evaluation samples from (`policy_ema`: the learner keeps it and publishes it beside
+each version under `ema:*`); the diagnostics (oracle_*) and the rectified-flow family run in the
+one-process benchmark only.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 from nablagfn.actors.sampler_actor import SamplerLoop
-from nablagfn.actors.trajectory_records import trajectory_records
+from nablagfn.actors.trajectory_records import needed_eps, trajectory_records
 from nablagfn.common.config import DistributedConfig, RewardConfig, TrainConfig
 from nablagfn.common.config_io import ConfigError, to_dict
 from nablagfn.common.policy import FlowQueries, needed_states
@@ -61,8 +64,6 @@ def check_supported(cfg: GMMBenchConfig) -> None:
     bad = [(cfg.method != "residual-nabla-db", "method", f"{cfg.method!r} (residual-nabla-db only)"),
            (getattr(cfg, "model_family", "ddpm") != "ddpm", "model_family", "flow (ddpm only)"),
            (cfg.oracle_flow or cfg.oracle_policy, "oracle_flow/oracle_policy", "diagnostics"),
-           (getattr(ob, "flow_potential", False), "objective.flow_potential", "true"),
-           (getattr(ob, "value_loss_scale", 0.0) > 0, "objective.value_loss_scale", "> 0"),
            (ob.forward_point != "sample", "objective.forward_point", ob.forward_point)]
     for is_bad, field, what in bad:
         if is_bad:
@@ -140,7 +141,8 @@ class GMMSamplerPolicy:
         queries = FlowQueries(x=x, state=s, traj=b, row=torch.full_like(s, -1), x0=x0)
         traj = Trajectories(states=states, eps=eps, x0=torch.zeros_like(eps))
         return trajectory_records(traj, keep, torch.zeros(n, 1, 1), [0] * n, [""] * n, queries, None, need,
-                                  timesteps=p.schedule.timesteps, meta=meta, actor=actor)
+                                  timesteps=p.schedule.timesteps, meta=meta, actor=actor,
+                                  eps_steps=needed_eps(keep, N, self.tc))
 
 
 class GMMSamplerActor(SamplerLoop):
@@ -182,6 +184,9 @@ class GMMLearnerModel:
         self.problem = GMMProblem(spec, cfg.sampler)
         self.trainer = Trainer(self.problem, cfg)
         self.optimizer_steps = 0
+        decay = float(getattr(cfg, "policy_ema", 0.0))
+        self.ema_decay = decay
+        self.ema = {n: p.detach().clone() for n, p in self.trainer.residual.named_parameters()} if decay > 0 else None
 
     def check(self, rec: ScoredRecord, run_id: str) -> None:
         from nablagfn.learner.record_batch import check_record
@@ -206,6 +211,36 @@ class GMMLearnerModel:
                                                    ob.gamma, self.trainer.x0_fn(idx), ob.x0_grad)
         return table
 
+    def value_terms(self, data, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `Trainer.value_targets` for states first … N−1: (V (B, N − first), the guess's value
+        β γ_s log R(x̂₀(x_s)) (B, N+1)), with log R from the reward service and ℓ_s from the
+        behaviour ε path the samplers carried."""
+        from nablagfn.learner.objectives.flow_param import gamma_t
+        from nablagfn.learner.objectives.nabla_db import log_flow_targets, log_ratio
+
+        p, ob, tr = self.problem, self.cfg.objective, self.trainer
+        q, s, states, eps = data.queries, data.scored, data.traj.states, data.traj.eps
+        B, N = states.shape[0], p.schedule.num_steps
+        vtab = torch.zeros(B, N + 1, dtype=states.dtype)
+        term = q.state == N
+        vtab[q.traj[term], N] = ob.reward_scale * s.log_r[term].to(states.dtype)
+        inner = ~term
+        if ob.guess_x0_source != "none" and bool(inner.any()):
+            st = q.state[inner]
+            vtab[q.traj[inner], st] = (ob.reward_scale * gamma_t(p.alpha_bar[st], ob.gamma)
+                                       * s.log_r[inner].to(states.dtype))
+        ell = torch.zeros(B, N - first, dtype=states.dtype)
+        boot = torch.zeros(B, N - first + 1, dtype=states.dtype)
+        with torch.no_grad():
+            for i in range(first, N):
+                idx = torch.full((B,), i, dtype=torch.long)
+                x = states[:, i]
+                pol, pre = p.step(x, eps[:, i], i), p.step(x, p.pretrained_eps(x, idx), i)
+                ell[:, i - first] = log_ratio(states[:, i + 1], pol.mean, pre.mean, pre.std, ob.pretrained_strength)
+                if ob.value_lambda < 1:
+                    boot[:, i - first] = vtab[:, i] + tr.potential(tr.flow_bar, x, idx)
+        return log_flow_targets(ell, vtab[:, N], boot, ob.value_lambda), vtab
+
     def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
         """One step of the one-process `Trainer.update`, on the records' samples and rewards."""
         from nablagfn.learner.objectives.flow_param import flow_value
@@ -229,11 +264,18 @@ class GMMLearnerModel:
             T = stein_lambda_targets(states, p.alpha_bar, p.pretrained_eps, flow_bar_fn, table[:, N],
                                      ob.stein_lambda, p.sampler.kind, p.sampler.eta, first_step=first)
             stein_target = T[rows, idx - first]
+        value = {}
+        if getattr(ob, "value_loss_scale", 0.0) > 0 and not ob.no_flow:
+            first = int(keep.min())
+            V, vtab = self.value_terms(data, first)
+            value = {"log_flow_target": V[rows, idx - first], "guess_value": vtab[rows, idx]}
+        eps = data.traj.eps
+        eps_beh = eps.reshape(B * K, -1) if data.traj.keep_idx is not None else eps[rows, idx]
         batch = TransitionBatch(
             x=states[rows, idx], x_next=states[rows, idx + 1], step_idx=idx, alpha_bar_t=p.alpha_bar[idx],
             alpha_bar_next=p.alpha_bar[idx + 1], is_last=idx == N - 1,
-            eps_behaviour=data.traj.eps.reshape(B * K, -1), guess=table[rows, idx], guess_next=table[rows, idx + 1],
-            terminal_flow=table[rows, N], stein_target=stein_target)
+            eps_behaviour=eps_beh, guess=table[rows, idx], guess_next=table[rows, idx + 1],
+            terminal_flow=table[rows, N], stein_target=stein_target, **value)
         terms = nabla_db_loss(batch, tr.nets(), ob, p.sampler.kind, p.sampler.eta)
         tr.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -244,11 +286,17 @@ class GMMLearnerModel:
         with torch.no_grad():
             for pb, pf in zip(tr.flow_bar.parameters(), tr.flow.parameters()):
                 pb.lerp_(pf, ob.target_flow_tau)
+            if self.ema is not None:  # the weight average evaluation samples from (bench.py's policy_ema)
+                for n, p_ in tr.residual.named_parameters():
+                    self.ema[n].lerp_(p_.detach(), 1 - self.ema_decay)
         self.optimizer_steps += 1
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.trainer.residual.state_dict().items()}
+
+    def ema_state(self) -> Optional[dict[str, torch.Tensor]]:
+        return None if self.ema is None else {k: v.clone() for k, v in self.ema.items()}
 
     def checkpoint(self) -> Checkpoint:
         tr = self.trainer
@@ -264,26 +312,50 @@ class GMMLearnerModel:
 
 
 class GMMLearnerActor(StreamLearner):
+    """The learner; with policy_ema it also publishes the weight average, as version v of `ema:*`."""
+
     def __init__(self, spec: GMMSpec, cfg: GMMBenchConfig, dcfg: DistributedConfig, redis_url: str, run_id: str,
                  run_dir: str):
         tc = train_view(cfg, dcfg, run_dir)
         super().__init__(dcfg, GMMLearnerModel(spec, cfg, tc), redis_url=redis_url, run_id=run_id,
                          run_dir=run_dir, batch_size=cfg.batch_trajectories, updates=cfg.updates)
 
+    def publish(self) -> int:
+        version = super().publish()
+        ema = self.model.ema_state()
+        if ema is not None:
+            ema_registry(self.registry.conn, self.keys, self.dcfg).publish(ema, version=version)
+        return version
+
+
+def ema_registry(conn, keys, dcfg: DistributedConfig):
+    from nablagfn.common.transport import LoraRegistry
+
+    return LoraRegistry(conn, prefix=keys.key("ema"), keep=dcfg.redis.lora_keep_versions)
+
 
 # --------------------------------------------------------------------------------------- runner
 class PolicyEvaluator:
-    """Samples the latest published policy in the driver process (fresh noise per evaluation)."""
+    """Samples the latest published policy in the driver process (fresh noise per evaluation): the
+    weight average when policy_ema is on (as the one-process benchmark reports), and the online
+    iterate beside it (`*_online`)."""
 
-    def __init__(self, spec: GMMSpec, cfg: GMMBenchConfig, registry):
-        self.cfg, self.registry = cfg, registry
+    def __init__(self, spec: GMMSpec, cfg: GMMBenchConfig, registry, ema=None):
+        self.cfg, self.registry, self.ema = cfg, registry, ema
         self.policy = GMMSamplerPolicy(spec, cfg, train_view(cfg, default_distributed(cfg)), index=999)
 
-    def __call__(self, n: int, seed: int) -> tuple[int, dict]:
-        version, state, _ = self.registry.fetch_with_metadata(None, self.policy.expected_shapes())
+    def _measure(self, registry, version, n: int, seed: int) -> tuple[int, dict]:
+        v, state, _ = registry.fetch_with_metadata(version, self.policy.expected_shapes())
         self.policy.load(state)
         s, _ = self.policy.problem.sample(self.policy.policy_eps, n, torch.Generator().manual_seed(seed))
-        return version, {"samples": s[:, -1], **measure(self.policy.problem, s[:, -1])}
+        return v, {"samples": s[:, -1], **measure(self.policy.problem, s[:, -1])}
+
+    def __call__(self, n: int, seed: int) -> tuple[int, dict]:
+        version, online = self._measure(self.registry, None, n, seed)
+        if self.ema is None:
+            return version, online
+        _, avg = self._measure(self.ema, version, n, seed)
+        return version, {**avg, "tv_online": online["tv"], "mean_log_reward_online": online["mean_log_reward"]}
 
 
 def run_gmm_distributed(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path, *, progress: bool = True,
@@ -331,11 +403,13 @@ def run_gmm_distributed(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path,
             actors = [learner] + workers + samplers
             ray.get([a.ready.remote() for a in actors], timeout=dcfg.startup_timeout_s)
             registry = LoraRegistry(client.conn, prefix=keys.lora_prefix, keep=dcfg.redis.lora_keep_versions)
-            evaluate = PolicyEvaluator(spec, cfg, registry)
+            ema = ema_registry(client.conn, keys, dcfg) if getattr(cfg, "policy_ema", 0.0) > 0 else None
+            evaluate = PolicyEvaluator(spec, cfg, registry, ema)
 
             def log_eval(u: int) -> None:
                 version, m = evaluate(cfg.eval_samples, cfg.seed + 1000 + u)
                 curve.append({"update": u, "version": version, "tv": m["tv"], "mean_log_reward": m["mean_log_reward"],
+                              **{k: m[k] for k in ("tv_online", "mean_log_reward_online") if k in m},
                               "seconds": time.perf_counter() - t0})
                 with open(out / "curve.jsonl", "a") as fh:
                     fh.write(json.dumps(curve[-1]) + "\n")
@@ -390,7 +464,8 @@ def run_gmm_distributed(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path,
     refs = reference_figures(GMMProblem(spec, cfg.sampler), cfg.final_samples, cfg.seed)
     summary = {
         "spec": spec.name, "method": cfg.method, "seed": cfg.seed, "mode": "distributed",
-        "tv": final["tv"], "empirical_weights": final["empirical_weights"], "target_weights": refs["target_weights"],
+        "tv": final["tv"], "tv_online": final.get("tv_online"), "empirical_weights": final["empirical_weights"],
+        "target_weights": refs["target_weights"],
         "mean_log_reward": final["mean_log_reward"], "target_mean_log_reward": refs["target_mean_log_reward"],
         "updates": learner_stats["updates"], "final_version": version, "wall_seconds": time.perf_counter() - t0,
         "train_seconds": train_seconds, "pretrained": refs["pretrained"], "exact_flow": refs["exact_flow"],
