@@ -65,10 +65,11 @@ def useful_depth(cfg: TrainConfig) -> int:
     """The stream depth bound the run uses: the configured one, but no more than the records the
     learner can still admit — a record sampled at version v is trained at most up to version
     v + max_policy_lag, i.e. within (max_policy_lag + 1) · publish_every updates of
-    batch_trajectories records; anything queued beyond that would only be dropped as stale, after
-    costing sampler time. Never below what the learner holds un-acked between checkpoints + 1."""
+    batch_trajectories records, split over the two streams (traj and scored); anything queued
+    beyond that would only be dropped as stale, after costing sampler time. Never below what the
+    learner holds un-acked between checkpoints + 1."""
     dc = cfg.distributed
-    useful = (dc.max_policy_lag + 1) * dc.publish_every * cfg.batch_trajectories
+    useful = -(-(dc.max_policy_lag + 1) * dc.publish_every * cfg.batch_trajectories // 2)
     return min(dc.redis.max_stream_depth, max(useful, dc.checkpoint_every * cfg.batch_trajectories + 1))
 
 

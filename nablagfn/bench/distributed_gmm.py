@@ -72,14 +72,15 @@ def check_supported(cfg: GMMBenchConfig) -> None:
 
 def default_distributed(cfg: GMMBenchConfig, **overrides: Any) -> DistributedConfig:
     """Two samplers each sampling half an update's batch per round, one reward worker; streams
-    bounded at two updates' worth so samplers stay within a version or two of the learner; no
-    checkpoints (acks right after each update)."""
+    bounded so that what is in flight is what the learner can still admit (as the driver's
+    `useful_depth`); no checkpoints (acks right after each update)."""
     d = DistributedConfig(num_samplers=2, num_reward_workers=1, sampler_batch=max(1, cfg.batch_trajectories // 2),
                           max_policy_lag=1, publish_every=1, checkpoint_every=0,  # a benchmark run does not resume
                           reward_batch=cfg.batch_trajectories, block_ms=50, poll_s=0.005)
-    d.redis.max_stream_depth = 2 * cfg.batch_trajectories
     for k, v in overrides.items():
         setattr(d, k, v)
+    # (lag + 1) · batch records in flight over the two streams: what the learner can still admit
+    d.redis.max_stream_depth = -(-(d.max_policy_lag + 1) * cfg.batch_trajectories // 2)
     return d
 
 
