@@ -13,8 +13,8 @@ from nablagfn.cli import load_preset
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import build_config
 from nablagfn.common.models import build_tiny_sd_pipeline, lora_state_dict
-from nablagfn.common.transport import (LoraRegistry, ScoredRecord, StreamClient, TrajectoryRecord,
-                                       encode, start_embedded_redis)
+from nablagfn.common.transport import (SCHEMA_VERSION, LoraRegistry, ScoredRecord, StreamClient,
+                                       TrajectoryRecord, encode, start_embedded_redis)
 from nablagfn.common.transport.keys import LEARNER_GROUP, REWARD_GROUP, RunKeys
 from nablagfn.rewards_service.rewards import BrightnessReward, log_reward_and_grad, register_reward
 from nablagfn.rewards_service.worker import RewardWorker
@@ -99,7 +99,7 @@ def test_worker_scores_dead_letters_and_keeps_going(tiny_dir, tmp_path, server):
     dead = client.dead_letters(traj_stream)
     reasons = " | ".join(d["reason"] for d in dead)
     assert "malformed message" in reasons and "exceeds the limit of 200000" in reasons
-    assert "schema: version 1, expected 2" in reasons
+    assert f"schema: version 1, expected {SCHEMA_VERSION}" in reasons
     (nan,) = [d for d in dead if d["reason"].startswith("non-finite reward")]
     assert "final" in nan["reason"] and nan["payload"] == payloads[4]  # kept for inspection
     # every traj entry is acked (and deleted); the scored ones wait for the learner
