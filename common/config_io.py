@@ -205,8 +205,11 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(cls: type[T], *layers: dict, overrides: list[str] | None = None) -> T:
-    """Defaults <- each layer (preset, YAML file, ...) <- dotted overrides, validated once."""
-    merged: dict = {}
+    """Defaults <- each layer (preset, YAML file, ...) <- dotted overrides, validated once.
+
+    The base is `cls()` itself, so a section's own default (a `default_factory` that differs from
+    the section class's defaults) survives a layer that sets only some of its keys."""
+    merged: dict = to_dict(cls())
     for layer in layers:
         merged = merge_dicts(merged, layer or {})
     if overrides:

@@ -139,6 +139,8 @@ def _bench_gmm(args) -> int:
         # per-method defaults (baselines.METHOD_DEFAULTS) <- --config <- flags <- the method <- overrides
         cfgs = {m: build_config(GMMMethodsConfig, METHOD_DEFAULTS.get(m, {}), *layers, cli, {"method": m},
                                 overrides=args.overrides) for m in methods}
+        for cfg in cfgs.values():  # the spec's β defines the target: the objective's β is that one
+            cfg.objective.reward_scale = spec.beta
     except (SpecError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

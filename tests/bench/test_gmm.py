@@ -96,3 +96,18 @@ def test_short_run_writes_outputs_and_learns(tmp_path):
     # 150 updates already move most of the way from the pretrained TV (≈0.5) towards the target
     assert s["pretrained"]["tv"] > 0.4 and s["tv"] < 0.25
     assert s["exact_flow"]["tv"] < 0.06
+
+
+def test_objective_beta_must_be_the_specs(tmp_path):
+    import json
+
+    from nablagfn.bench.gmm.bench import run_gmm_bench
+    from nablagfn.bench.gmm.run import GMMBenchConfig
+    from nablagfn.bench.gmm.spec import load_spec
+
+    spec_file = tmp_path / "b2.json"
+    spec_file.write_text(json.dumps({"dim": 1, "means": [[0.0], [2.0]], "weights": [1, 1], "std": 0.4,
+                                     "reward": {"components": [{"center": [2.0], "scale": 1.0, "weight": 1.0}]},
+                                     "beta": 2.0}))
+    with pytest.raises(ValueError, match="beta=2.0"):
+        run_gmm_bench(load_spec(spec_file), GMMBenchConfig(updates=0), tmp_path / "out", progress=False)

@@ -62,6 +62,9 @@ def plot_curve(curve: list[dict], refs: dict, path: Path, title: str) -> None:
 def run_gmm_bench(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path, progress: bool = True) -> dict:
     if cfg.method not in METHODS:
         raise ValueError(f"method {cfg.method!r} is not one of {list(METHODS)}")
+    if cfg.method == "residual-nabla-db" and cfg.objective.reward_scale != spec.beta:
+        raise ValueError(f"objective.reward_scale={cfg.objective.reward_scale} differs from the spec's "
+                         f"beta={spec.beta}: the target p#·R^β is the spec's (the CLI sets it from the spec)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
