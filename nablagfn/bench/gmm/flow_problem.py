@@ -23,7 +23,7 @@ import math
 import torch
 
 from nablagfn.common.config import SamplerConfig
-from nablagfn.common.flow_matching import eps_from_velocity_vp, sigma_from_alpha_bar
+from nablagfn.common.flow_matching import eps_from_velocity_vp, sigma_from_alpha_bar, to_native
 from nablagfn.common.samplers import get_transition
 from nablagfn.common.schedule import SamplingSchedule, make_schedule
 
@@ -86,8 +86,6 @@ class FlowGMMProblem(GMMProblem):
 
     def pretrained_velocity(self, x_vp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """v# at the native point c_t x̃ of the VP states x̃ (B, d) at schedule states idx (B,)."""
-        from nablagfn.common.flow_matching import to_native
-
         sig = self.sigma[idx]
         return mixture_velocity(self.spec, to_native(x_vp, sig), sig)
 
