@@ -32,6 +32,7 @@ import torch
 
 from nablagfn.common.config import DistributedConfig, TrainConfig
 from nablagfn.common.config_io import validate
+from nablagfn.common.metrics import index_from_name, start_role_metrics
 from nablagfn.common.transport import LoraRegistry, StreamClient, TrajectoryRecord
 from nablagfn.common.transport.keys import RunKeys
 
@@ -77,6 +78,7 @@ class SamplerLoop:
                          "seconds_sampling": 0.0, "seconds_paused": 0.0, "seconds_waiting_policy": 0.0,
                          "seconds_publish": 0.0}
         self.versions_loaded: list[tuple[int, float]] = []  # (version, wall time it was loaded)
+        self.metrics = start_role_metrics(dcfg.metrics, "sampler", index_from_name(name), self.streams.conn, self.keys)
 
     # -- control ------------------------------------------------------------------------------
     def ready(self) -> str:
@@ -95,6 +97,7 @@ class SamplerLoop:
         self.version = version
         self.counters["lora_loads"] += 1
         self.versions_loaded.append((version, time.time()))
+        self.metrics.lora_version(version)
         return True
 
     def wait_for_policy(self, timeout_s: float) -> bool:
@@ -160,11 +163,13 @@ class SamplerLoop:
         the records written."""
         if not self.wait_for_room():
             return 0
+        t0 = time.perf_counter()
         self.refresh_policy()
         records = self.sample_records()
         if not self.publish(records):
             return 0
         self.counters["rounds"] += 1
+        self.metrics.sampler_round(len(records), self.num_steps, time.perf_counter() - t0, self.counters)
         return len(records)
 
     def run(self, max_rounds: Optional[int] = None) -> dict[str, Any]:
@@ -185,6 +190,7 @@ class SamplerLoop:
                 "versions_loaded": list(self.versions_loaded)}
 
     def close(self) -> None:
+        self.metrics.close()
         self.streams.close()
 
 

@@ -213,6 +213,10 @@ class RedisConfig:
 
 @dataclass
 class MetricsConfig:
+    """Prometheus endpoints of the distributed roles (common/metrics): each process serves on
+    `bind_address` (0.0.0.0 to let other machines scrape) at the first free port of `port_range`."""
+
+    enabled: bool = True
     bind_address: str = "127.0.0.1"
     port_range: tuple[int, int] = (9400, 9500)
 
@@ -279,6 +283,7 @@ class DistributedConfig:
     sampler: RoleResources = field(default_factory=RoleResources)
     reward: RoleResources = field(default_factory=RoleResources)
     learner: RoleResources = field(default_factory=RoleResources)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus endpoints (common/metrics)
 
     def validate(self) -> None:
         require(self.num_samplers >= 1, "num_samplers", "must be >= 1")

@@ -41,6 +41,7 @@ import torch
 
 from nablagfn.common.config import DistributedConfig, TrainConfig
 from nablagfn.common.config_io import validate
+from nablagfn.common.metrics import start_role_metrics
 from nablagfn.common.transport import (LoraRegistry, RecordError, ScoredRecord, StreamClient,
                                        encode)
 from nablagfn.common.transport.keys import LEARNER_GROUP, RunKeys
@@ -102,6 +103,7 @@ class StreamLearner:
         self.resumed = self._resume()
         self.pending: list[tuple[str, str]] = []  # trained entries to ack after the next checkpoint
         self._reclaim_own = True
+        self.metrics = start_role_metrics(dcfg.metrics, "learner", 0, self.streams.conn, self.keys)
         self.publish()
 
     # -- state ----------------------------------------------------------------------------------
@@ -150,6 +152,7 @@ class StreamLearner:
         self.seen = {k: v for k, v in self.seen.items() if self.version - v <= self.dcfg.max_policy_lag}
         self.counters["publishes"] += 1
         self.counters["seconds_publish"] += time.perf_counter() - t0
+        self.metrics.lora_version(self.version, time.perf_counter() - t0)
         return self.version
 
     # -- data -----------------------------------------------------------------------------------
@@ -242,6 +245,8 @@ class StreamLearner:
                    "traj_ids": [r.traj_id for r in records],
                    "sampled_versions": [r.policy_version for r in records]}
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics.learner_update(metrics, logs, lags, sum(r.num_kept for r in records), self.counters,
+                                    self.streams, self.keys)
         self.streams.conn.call(self.streams.conn.client.xadd, self.keys.metrics_stream,
                                {b"d": encode(metrics)}, maxlen=METRICS_MAXLEN, approximate=True)
         return metrics
@@ -262,6 +267,7 @@ class StreamLearner:
                 "optimizer_steps": self.model.optimizer_steps, **self.counters, "resumed": self.resumed}
 
     def close(self) -> None:
+        self.metrics.close()
         self.streams.close()
 
 

@@ -18,6 +18,9 @@ The driver is the only thing that starts processes. It
    has the learner write `lora/` (diffusers format) and `flow_net.safetensors`, and writes
    `summary.json`. Actors, Ray (if it started it) and the embedded Redis are always shut down.
 
+Every actor serves Prometheus metrics (common/metrics, distributed.metrics); the driver keeps
+`<run_dir>/prometheus_targets.json` (file-service discovery) equal to the live endpoints.
+
 Run dir: config.yaml, run_id, metrics.jsonl, trained.jsonl, summary.json, lora/,
 flow_net.safetensors, checkpoint/ (the learner's; a rerun on the same run dir resumes from it),
 redis/ (the embedded server's data, with its AOF).
@@ -36,6 +39,7 @@ from urllib.parse import urlsplit
 
 from nablagfn.common.config import RoleResources, TrainConfig
 from nablagfn.common.config_io import ConfigError, to_dict, validate
+from nablagfn.common.metrics import TargetsWriter
 
 ROLES = ("sampler", "reward", "learner")
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # the actors exchange configs and stats only
@@ -250,6 +254,7 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
     redis = connect_redis(cfg, run_dir, redis_url)
     keys = RunKeys.from_config(dc)
     streams = None
+    targets = None
     started_ray = False
     actors: list = []
     t_start = time.perf_counter()
@@ -263,6 +268,8 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
         if not resumed:  # a fresh run: metrics of an earlier run in this Redis are not ours
             streams.conn.call(streams.conn.client.delete, keys.metrics_stream)
         tail = MetricsTail(streams, keys.metrics_stream, start_id=_last_id(streams, keys.metrics_stream))
+        targets = TargetsWriter(streams.conn, keys, run_dir)  # <run_dir>/prometheus_targets.json
+        targets.reset()
         started_ray = start_ray(cfg, ray_address)
 
         learner = ray.remote(LearnerActor).options(**role_options(dc.learner)).remote(cfg, redis.url, run_id, cache_dir)
@@ -273,6 +280,7 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
                     for i in range(dc.num_samplers)]
         actors += workers + samplers
         _get_ready([learner.ready.remote()] + [a.ready.remote() for a in workers + samplers], dc.startup_timeout_s)
+        targets.refresh()
 
         learner_ref = learner.run.remote()
         other_refs = [w.run.remote() for w in workers] + [s.run.remote() for s in samplers]
@@ -288,6 +296,7 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
                     bar.set_postfix(reward=f"{m['reward_mean']:.4g}", version=m["version"], lag=m["lag_max"])
                     bar.refresh()
                     last_progress = time.monotonic()
+                targets.refresh()  # an actor restarted by Ray registers its new endpoint
                 done, _ = ray.wait([learner_ref] + other_refs, num_returns=len(other_refs) + 1, timeout=0)
                 for ref in done:
                     if ref is not learner_ref:  # samplers and workers run until the stop key
@@ -316,6 +325,8 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
             print(_summary_table(summary))
         return summary
     finally:
+        if targets is not None:
+            targets.clear()  # the endpoints die with the actors
         if streams is not None:
             try:
                 streams.conn.call(streams.conn.client.set, keys.stop_key, 1)

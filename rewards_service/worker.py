@@ -24,6 +24,7 @@ import torch
 
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import validate
+from nablagfn.common.metrics import start_role_metrics
 from nablagfn.common.transport import RecordError, ScoredRecord, StreamClient, TrajectoryRecord
 from nablagfn.common.transport.keys import REWARD_GROUP, RunKeys
 
@@ -76,6 +77,7 @@ class RewardWorker:
         self.scorer = scorer if scorer is not None else VaeRewardScorer(cfg, self.device, cache_dir)
         self.counters = {"read": 0, "scored": 0, "dead_lettered": 0, "non_finite": 0, "reclaimed": 0,
                          "seconds_scoring": 0.0, "seconds_paused": 0.0}
+        self.metrics = start_role_metrics(dc.metrics, "reward", self.index, self.streams.conn, self.keys)
 
     def ready(self) -> str:
         return self.name
@@ -169,6 +171,7 @@ class RewardWorker:
         t0 = time.perf_counter()
         results = self.score([rec for *_, rec in good])
         self.counters["seconds_scoring"] += time.perf_counter() - t0
+        self.metrics.reward_batch(time.perf_counter() - t0, results)
         written = 0
         for (stream, entry_id, payload, _), result in zip(good, results):
             if isinstance(result, str):
@@ -184,7 +187,9 @@ class RewardWorker:
         return written
 
     def step(self, block_ms: Optional[int] = None) -> int:
-        return self.process(self.take(block_ms))
+        written = self.process(self.take(block_ms))
+        self.metrics.sync(self.counters)
+        return written
 
     def run(self, max_steps: Optional[int] = None) -> dict[str, Any]:
         """Steps until the stop key is set (or max_steps); returns `stats()`."""
@@ -198,4 +203,5 @@ class RewardWorker:
         return {"actor": self.name, **self.counters}
 
     def close(self) -> None:
+        self.metrics.close()
         self.streams.close()
