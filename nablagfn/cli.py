@@ -259,6 +259,20 @@ def _bench_distributed(args) -> int:
     return 0
 
 
+def _bench_metrics(args) -> int:
+    from nablagfn.bench.metrics_overhead import measure, step_times_from_run
+
+    steps = {"sampler_step_s": args.sampler_step_s, "learner_step_s": args.learner_step_s}
+    if args.run_dir:
+        try:
+            steps = {**step_times_from_run(args.run_dir), **{k: v for k, v in steps.items() if v}}
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: --run-dir: {exc}", file=sys.stderr)
+            return 2
+    print(json.dumps(measure(**steps, batch=args.batch, repeats=args.repeats), indent=2))
+    return 0
+
+
 def _add_distributed_benches(bench_sub) -> None:
     tr = bench_sub.add_parser("transport", help="encode + XADD + XREADGROUP + decode of SD1.5-sized records: MB/s")
     tr.add_argument("--n", type=int, default=20, help="records per measurement")
@@ -317,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     step.set_defaults(func=_bench_step, updates=None, no_progress=True)
 
     _add_distributed_benches(bench_sub)
+
+    mb = bench_sub.add_parser("metrics", help="Prometheus hook time per sampler round / learner update vs step time")
+    mb.add_argument("--run-dir", dest="run_dir", help="a finished distributed run: step times from its metrics")
+    mb.add_argument("--sampler-step-s", dest="sampler_step_s", type=float, help="sampler round time (s)")
+    mb.add_argument("--learner-step-s", dest="learner_step_s", type=float, help="learner update compute time (s)")
+    mb.add_argument("--batch", type=int, default=64, help="trajectories per learner update (lag observations)")
+    mb.add_argument("--repeats", type=int, default=2000)
+    mb.set_defaults(func=_bench_metrics)
 
     train = sub.add_parser("train", help="fine-tune a diffusion model with residual nabla-DB")
     train.add_argument("--mode", choices=["distributed", "local"], default="distributed",

@@ -71,3 +71,14 @@ def test_disabled_records_and_serves_nothing():
     rm.sync({"scored": 5})
     assert rm.registry.get_sample_value("nablagfn_trajectories_total",
                                         {"role": "reward", "index": "0", "node": "n1"}) == 0
+
+
+def test_bench_metrics_prints_fractions(capsys):
+    from nablagfn.cli import main
+
+    rc = main(["bench", "metrics", "--sampler-step-s", "0.5", "--learner-step-s", "2.0", "--repeats", "50"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    for role, step in (("sampler", 0.5), ("learner", 2.0)):
+        assert out[f"{role}_hook_s"] > 0
+        assert out[f"{role}_overhead_fraction"] == pytest.approx(out[f"{role}_hook_s"] / step, rel=1e-12)
