@@ -321,6 +321,9 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
         summary = _summary(cfg, run_id, metrics, learner_stats, sampler_stats, worker_stats, dead, outputs,
                            time.perf_counter() - t_start, redis, ray_address, resumed)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from nablagfn.common.metrics.curves import write_curves
+
+        write_curves(run_dir, [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x])
         if print_table:
             print(_summary_table(summary))
         return summary

@@ -87,6 +87,8 @@ def scraped(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
+    png = run_dir / "curves.png"  # reward / loss / lag curves for a person
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     return {"groups": groups, "first": first, "last": last, "final": json.loads(path.read_text())}
 
 
