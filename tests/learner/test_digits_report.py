@@ -19,7 +19,7 @@ from nablagfn.learner.digits_report import DigitsReportError, format_table, repo
 from nablagfn.learner.local_trainer import LocalTrainer
 from nablagfn.rewards_service.rewards import DigitCNN
 
-SMALL = ["sampler.num_steps=3", "batch_trajectories=4", "chunk_trajectories=4", "eval_trajectories=4",
+SMALL = ["sampler.num_steps=3", "batch_trajectories=4", "train_batch_trajectories=2", "chunk_trajectories=4", "eval_trajectories=4",
          "grid_size=4", "flow_net.block_out_channels=[16]", "subsample.timestep_fraction=0.5",
          "report.samples=24", "report.reference_pool=48", "threads=1", "progress=false"]
 
