@@ -72,6 +72,8 @@ def test_weight_ema_averages_and_swaps_back():
 
     net = torch.nn.Linear(2, 1)
     ema = WeightEMA(net, decay=0.75)
+    ema.updates = 100  # past the warm-up: the decay is 0.75 itself (warm-up: (1+u)/(10+u) = 0.1 at u = 0)
+    assert ema.current_decay() == 0.75 and WeightEMA(net, 0.75).current_decay() == 0.1
     start = [p.detach().clone() for p in net.parameters()]
     with torch.no_grad():
         for p in net.parameters():

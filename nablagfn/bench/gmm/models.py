@@ -51,11 +51,19 @@ class WeightEMA:
     def __init__(self, module: nn.Module, decay: float):
         self.module, self.decay = module, float(decay)
         self.shadow = [p.detach().clone() for p in module.parameters()]
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        """min(decay, (1 + u)/(10 + u)) after u updates: a short window while the policy moves fast
+        early on (the usual EMA warm-up), the full one later."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self) -> None:
+        d = self.current_decay()
         for s, p in zip(self.shadow, self.module.parameters()):
-            s.lerp_(p.detach(), 1 - self.decay)
+            s.lerp_(p.detach(), 1 - d)
+        self.updates += 1
 
     @contextlib.contextmanager
     def applied(self):

@@ -47,7 +47,7 @@ class GMMBenchConfig:
     threads: int = 1  # torch intra-op threads: tiny MLPs run fastest on one
     oracle_flow: bool = False  # diagnostic: the exact ∇log F̃ as the guess (use with objective.no_flow)
     oracle_policy: bool = False  # diagnostic: the policy fixed at the exact-flow sampler; only g_φ learns
-    policy_ema: float = 0.995  # decay of the policy-weight average that evaluation samples from (0 = off)
+    policy_ema: float = 0.995  # decay of the policy-weight average evaluation samples from (0 = off; warm-up in WeightEMA)
     eval_samples: int = 4096
     final_samples: int = 8192
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(guidance_scale=0.0))
