@@ -15,7 +15,7 @@ class histogram, mean log R, the within-class-k diversity (mean pairwise distanc
 features) and the prior drift (Fréchet distance of features to the pretrained samples'), and writes
 
     digits_before.png / digits_after.png / digits_reference.png   sample grids (class and p(k|x))
-    curves.png                  reward mean and loss per update (from metrics.jsonl)
+    digits_curves.png           reward mean and loss per update (from metrics.jsonl)
     digits_report.json          the summary table (also printed)
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def digits_report(denoiser, schedule, cfg: TrainConfig, reward, vae, run_dir, la
     save_digit_grid(before, k, run_dir / "digits_before.png")
     save_digit_grid(after, k, run_dir / "digits_after.png")
     save_digit_grid(reference, k, run_dir / "digits_reference.png")
-    summary["curves"] = save_curves(run_dir, run_dir / "curves.png", sets["reference"]["mean_log_r"])
+    summary["curves"] = save_curves(run_dir, run_dir / "digits_curves.png", sets["reference"]["mean_log_r"])
     summary["report_seconds"] = time.perf_counter() - t0
     (run_dir / "digits_report.json").write_text(json.dumps(summary, indent=2))
     if print_table:

@@ -102,7 +102,7 @@ def test_local_run_writes_the_report_and_the_run_dir_reproduces_it(parts, tmp_pa
     summary = LocalTrainer(cfg).run()
     rep = summary["report"]
     out = tmp_path / "run"
-    for name in ("digits_before.png", "digits_after.png", "curves.png", "digits_report.json"):
+    for name in ("digits_before.png", "digits_after.png", "digits_curves.png", "digits_report.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "digits_report.json").read_text())["sets"] == json.loads(json.dumps(rep["sets"]))
     before, after, ref = rep["sets"]["before"], rep["sets"]["after"], rep["sets"]["reference"]
