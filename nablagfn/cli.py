@@ -51,7 +51,8 @@ def _load_errors() -> tuple:
     return (ConfigError, ModelLoadError, PromptError, RewardError)
 
 
-DEFAULT_TRAIN_PRESET = "tiny"  # `nablagfn train` with neither --preset nor --config: the CPU demo
+DEFAULT_TRAIN_PRESET = "digits"  # `nablagfn train` with neither --preset nor --config: the CPU demo
+DEFAULT_BENCH_PRESET = "tiny"  # the service benchmarks: the tiny SD pipeline (text conditioning, VAE)
 
 
 def _train_distributed(args) -> int:
@@ -242,7 +243,7 @@ def _bench_distributed(args) -> int:
     from nablagfn.common.transport import TransportError
 
     if args.preset is None and args.config is None:
-        args.preset = DEFAULT_TRAIN_PRESET
+        args.preset = DEFAULT_BENCH_PRESET
     errors = _load_errors() + (TransportError,)
     try:
         cfg = _train_config(args)
@@ -284,7 +285,7 @@ def _add_distributed_benches(bench_sub) -> None:
              "lora-sync": ("LoRA publish -> all sampler actors updated, p50/p99 (Ray actors)", 10)}
     for name, (text, rounds) in helps.items():
         b = bench_sub.add_parser(name, help=text)
-        b.add_argument("--preset", help=f"a preset name or YAML path (default {DEFAULT_TRAIN_PRESET})")
+        b.add_argument("--preset", help=f"a preset name or YAML path (default {DEFAULT_BENCH_PRESET})")
         b.add_argument("--config", help="YAML file with TrainConfig fields (over the preset)")
         b.add_argument("--reward", help="reward name (reward.name)")
         b.add_argument("--seed", type=int)

@@ -324,6 +324,11 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
         from nablagfn.common.metrics.curves import write_curves
 
         write_curves(run_dir, [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x])
+        if cfg.report.kind == "digits":  # the digits demo's evaluation, from the run dir's config and LoRA
+            from nablagfn.learner.digits_report import report_from_run_dir
+
+            summary["report"] = report_from_run_dir(run_dir, cfg)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if print_table:
             print(_summary_table(summary))
         return summary

@@ -30,7 +30,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tiny_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("distributed_run")
-    rc = main(["train", "--updates", str(UPDATES), "--run-dir", str(run_dir), "--no-progress",
+    rc = main(["train", "--preset", "tiny", "--updates", str(UPDATES), "--run-dir", str(run_dir), "--no-progress",
                f"model.pretrained={tiny_dir}", *SMALL])
     assert rc == 0
     return run_dir
@@ -83,7 +83,7 @@ def test_samplers_pick_up_new_versions(run):
 
 def test_unreachable_redis_fails_fast(tiny_dir, tmp_path, capsys):
     t0 = time.perf_counter()
-    rc = main(["train", "--redis-url", "redis://:secret@127.0.0.1:1/0", "--run-dir", str(tmp_path / "r"),
+    rc = main(["train", "--preset", "tiny", "--redis-url", "redis://:secret@127.0.0.1:1/0", "--run-dir", str(tmp_path / "r"),
                "--no-progress", f"model.pretrained={tiny_dir}", *SMALL])
     err = capsys.readouterr().err
     assert rc == 2 and time.perf_counter() - t0 < 30
@@ -92,7 +92,7 @@ def test_unreachable_redis_fails_fast(tiny_dir, tmp_path, capsys):
 
 def test_unreachable_ray_address_fails_fast(tiny_dir, tmp_path, capsys):
     t0 = time.perf_counter()
-    rc = main(["train", "--ray-address", "127.0.0.1:1", "--run-dir", str(tmp_path / "r"), "--no-progress",
+    rc = main(["train", "--preset", "tiny", "--ray-address", "127.0.0.1:1", "--run-dir", str(tmp_path / "r"), "--no-progress",
                f"model.pretrained={tiny_dir}", *SMALL])
     err = capsys.readouterr().err
     assert rc == 2 and time.perf_counter() - t0 < 30

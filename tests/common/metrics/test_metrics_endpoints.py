@@ -57,7 +57,7 @@ def scraped(tmp_path_factory):
     tiny = build_tiny_sd_pipeline(tmp_path_factory.mktemp("metrics_models") / "tiny-sd", seed=0)
     run_dir = tmp_path_factory.mktemp("metrics_run")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nablagfn", "train", "--updates", str(UPDATES), "--run-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "nablagfn", "train", "--preset", "tiny", "--updates", str(UPDATES), "--run-dir",
                              str(run_dir), "--no-progress", f"model.pretrained={tiny}", *SMALL,
                              "distributed.metrics.port_range=[9400,9599]"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
