@@ -39,7 +39,8 @@ class RewardModel(nn.Module):
         return log_r
 
     def log_reward(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
-        raise NotImplementedError
+        """log R per image (B,); every reward class defines it (this base has no reward of its own)."""
+        raise TypeError(f"{type(self).__name__} must define log_reward(images, prompts)")
 
     def freeze(self) -> "RewardModel":
         """Eval mode (no dropout) and no parameter gradients; returns self."""
