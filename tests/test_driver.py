@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from nablagfn.cli import main
-from nablagfn.common.models import build_tiny_sd_pipeline
 
 SMALL = ["sampler.num_steps=4", "batch_trajectories=2", "train_batch_trajectories=0", "chunk_trajectories=4",
          "flow_net.block_out_channels=[32]", "subsample.timestep_fraction=0.5", "objective.reward_scale=1e4",
@@ -20,11 +19,6 @@ SMALL = ["sampler.num_steps=4", "batch_trajectories=2", "train_batch_trajectorie
          # 2 logical CPUs in all, as the machine has
          "distributed.sampler.num_cpus=0.5", "distributed.reward.num_cpus=0.5", "distributed.learner.num_cpus=0.5"]
 UPDATES = 3
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("driver_models") / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,14 @@ from nablagfn.bench.distributed_gmm import (GMMLearnerActor, GMMRewardWorker, GM
 from nablagfn.bench.gmm.run import GMMBenchConfig
 from nablagfn.bench.gmm.spec import load_spec
 from nablagfn.common.config_io import ConfigError, build_config
-from nablagfn.common.transport import ScoredRecord, start_embedded_redis
+from nablagfn.common.transport import ScoredRecord
 from nablagfn.learner.objectives.nabla_db import stein_lambda_targets
 from nablagfn.learner.record_batch import update_data
 
 SPEC = "benchmarks/gmm_ring8.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def server(tmp_path):
-    handle = start_embedded_redis(tmp_path / "redis")
-    yield handle
-    handle.stop()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_gmm_service_batch_is_the_one_process_batch(tmp_path, server):

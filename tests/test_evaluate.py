@@ -40,12 +40,7 @@ SAMPLES, PROMPTS, BATCH = 3, 2, 2  # batch 2 < 3 samples: the chunked noise draw
 MOVED = 1e-8
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

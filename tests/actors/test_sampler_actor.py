@@ -12,9 +12,9 @@ from nablagfn.actors.sampler_actor import SamplerActor
 from nablagfn.cli import load_preset
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import build_config
-from nablagfn.common.models import build_tiny_sd_pipeline, lora_state_dict
+from nablagfn.common.models import lora_state_dict
 from nablagfn.common.transport import (LoraRegistry, RecordError, ScoredRecord, StreamClient,
-                                       TrajectoryRecord, start_embedded_redis)
+                                       TrajectoryRecord)
 from nablagfn.common.transport.keys import RunKeys
 
 RUN = "run-sampler-test"
@@ -22,24 +22,7 @@ SMALL = ["sampler.num_steps=4", "batch_trajectories=4", "chunk_trajectories=4", 
          "subsample.timestep_fraction=0.5", "threads=1", "distributed.sampler_batch=2", "distributed.poll_s=0.01"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("sampler_models") / "tiny-sd", seed=0)
-
-
-@pytest.fixture
-def server(tmp_path):
-    handle = start_embedded_redis(tmp_path / "redis")
-    yield handle
-    handle.stop()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_dir, tmp_path, *extra):

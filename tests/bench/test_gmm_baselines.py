@@ -19,12 +19,7 @@ SPEC_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gmm_ring8.json
 SPEC = load_spec(SPEC_PATH)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trainer(method, steps=10, batch=8, **kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nablagfn.common.config import LoRAConfig, ModelConfig
-from nablagfn.common.models import Denoiser, add_lora, build_tiny_sd_pipeline, load_pipeline
+from nablagfn.common.models import Denoiser, add_lora, load_pipeline
 from nablagfn.common.prediction import x0_from_eps
 from nablagfn.common.samplers import get_transition
 from nablagfn.common.schedule import make_schedule
@@ -15,17 +15,7 @@ W = 5.0
 PROMPTS = ["a cat", "the dog on a mat", "an owl"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("traj_models") / "tiny-sd", seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

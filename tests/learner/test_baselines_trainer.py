@@ -10,7 +10,6 @@ import torch
 from nablagfn.cli import load_preset, main
 from nablagfn.common.config import METHODS, TrainConfig
 from nablagfn.common.config_io import ConfigError, build_config
-from nablagfn.common.models import build_tiny_sd_pipeline
 from nablagfn.common.models.lora import lora_parameters
 from nablagfn.learner.baselines_step import LEARNERS, LogFlowHead
 from nablagfn.learner.local_trainer import LocalTrainer
@@ -21,17 +20,7 @@ SMALL = ["sampler.num_steps=4", "batch_trajectories=2", "train_batch_trajectorie
          "draft.k=2", "draft.lv_draws=2", "refl.min_step_fraction=0.5", "ddpo.inner_epochs=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("baseline_models") / "tiny-sd", seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_dir, run_dir, method, *extra) -> TrainConfig:

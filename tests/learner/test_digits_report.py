@@ -24,12 +24,7 @@ SMALL = ["sampler.num_steps=3", "batch_trajectories=4", "train_batch_trajectorie
          "report.samples=24", "report.reference_pool=48", "threads=1", "progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------ pure math

@@ -9,10 +9,9 @@ from nablagfn.actors.trajectory_records import needed_eps, trajectory_records
 from nablagfn.cli import load_preset
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import build_config
-from nablagfn.common.models import build_tiny_sd_pipeline, lora_state_dict
+from nablagfn.common.models import lora_state_dict
 from nablagfn.common.policy import needed_states
-from nablagfn.common.transport import (ScoredRecord, StreamClient, TrajectoryRecord, encode,
-                                       start_embedded_redis)
+from nablagfn.common.transport import ScoredRecord, StreamClient, TrajectoryRecord, encode
 from nablagfn.common.transport.keys import LEARNER_GROUP, RunKeys
 from nablagfn.learner.learner_actor import LearnerActor
 from nablagfn.learner.local_trainer import LocalTrainer
@@ -28,24 +27,7 @@ SMALL = ["sampler.num_steps=4", "batch_trajectories=4", "train_batch_trajectorie
          "threads=1", "distributed.sampler_batch=2", "distributed.block_ms=20", "distributed.poll_s=0.01"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("learner_models") / "tiny-sd", seed=0)
-
-
-@pytest.fixture
-def server(tmp_path):
-    handle = start_embedded_redis(tmp_path / "redis")
-    yield handle
-    handle.stop()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_dir, run_dir, *extra, updates=2):

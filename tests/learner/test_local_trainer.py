@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from nablagfn.cli import load_preset, main
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import build_config
-from nablagfn.common.models import Denoiser, build_tiny_sd_pipeline
+from nablagfn.common.models import Denoiser
 from nablagfn.common.prompts import PromptSource
 from nablagfn.common.schedule import make_schedule
 from nablagfn.common.trajectories import sample_trajectories
@@ -38,17 +38,7 @@ class PoisonReward(BrightnessReward):
 register_reward("test_poison_nan")(lambda cfg, device=None: PoisonReward())
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("trainer_models") / "tiny-sd", seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_dir, run_dir, *extra, updates=2, seed=0) -> TrainConfig:

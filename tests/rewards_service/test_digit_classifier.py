@@ -11,12 +11,7 @@ from nablagfn.rewards_service.rewards import (DigitClassifierReward, DigitCNN, R
 from nablagfn.rewards_service.rewards.digit_classifier import to_grey8
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

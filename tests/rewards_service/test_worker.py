@@ -12,9 +12,9 @@ from nablagfn.actors.sampler_actor import SamplerActor
 from nablagfn.cli import load_preset
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import build_config
-from nablagfn.common.models import build_tiny_sd_pipeline, lora_state_dict
+from nablagfn.common.models import lora_state_dict
 from nablagfn.common.transport import (SCHEMA_VERSION, LoraRegistry, ScoredRecord, StreamClient,
-                                       TrajectoryRecord, encode, start_embedded_redis)
+                                       TrajectoryRecord, encode)
 from nablagfn.common.transport.keys import LEARNER_GROUP, REWARD_GROUP, RunKeys
 from nablagfn.rewards_service.rewards import BrightnessReward, log_reward_and_grad, register_reward
 from nablagfn.rewards_service.worker import RewardWorker
@@ -38,24 +38,7 @@ class PoisonReward(BrightnessReward):
 register_reward("test_worker_poison_nan")(lambda cfg, device=None: PoisonReward())
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("worker_models") / "tiny-sd", seed=0)
-
-
-@pytest.fixture
-def server(tmp_path):
-    handle = start_embedded_redis(tmp_path / "redis")
-    yield handle
-    handle.stop()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_dir, tmp_path, *extra):
