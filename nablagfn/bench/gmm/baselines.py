@@ -27,7 +27,7 @@ from nablagfn.learner.objectives.residual_db import log_flow_value, next_log_flo
 
 from . import exact
 from .models import TimeMLP
-from .run import BANDS, GMMBenchConfig, GMMProblem
+from .run import GMMBenchConfig, GMMProblem, flow_error_by_band
 
 ALL_METHODS = METHODS  # residual-nabla-db (run.Trainer) first, then the baselines
 BASELINES = tuple(m for m in METHODS if m != "residual-nabla-db")
@@ -230,23 +230,13 @@ class ResidualDBTrainer(_PolicyTrainer):
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def flow_error(self, n: int = 512) -> dict:
-        """RMS of (∇_x learned log F̃ − exact ∇log F̃) in ε units per noise band, on policy states."""
-        p = self.p
-        gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
-        states, _ = p.sample(self.policy_eps, n, gen)
-        N = p.schedule.num_steps
-        out = {}
-        for name, lo, hi in BANDS:
-            errs = []
-            for i in [i for i in range(N) if lo <= i / N < hi]:
-                idx = torch.full((n,), i, dtype=torch.long)
-                z = states[:, i].detach().requires_grad_(True)
-                with torch.enable_grad():
-                    (learned,) = torch.autograd.grad(self.log_flow_at(z, idx).sum(), z)
-                true = exact.grad_log_flow(p.spec, states[:, i].double(), p.schedule.alpha_bar[i].expand(n))
-                errs.append(((learned.double() - true) ** 2).sum(1).mean() * (1 - p.schedule.alpha_bar[i]))
-            out[name] = float(torch.stack(errs).mean().sqrt())
-        return out
+        """∇_x of the learned log F̃ against the exact ∇log F̃, per noise band (run.flow_error_by_band)."""
+        def learned_grad(x, idx):
+            z = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self.log_flow_at(z, idx).sum(), z)
+            return g
+        return flow_error_by_band(self.p, self.policy_eps, learned_grad, self.cfg.seed, n)
 
 
 TRAINERS = {"draft": DraftTrainer, "draft-lv": DraftLVTrainer, "refl": ReflTrainer, "ddpo": DDPOTrainer,
