@@ -6,13 +6,10 @@ from nablagfn.common.models import build_tiny_sd_pipeline
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine thread
-    oversubscription made a UNet forward ~60× slower (2.2 s vs 33 ms measured). Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
+    """Every model test on one thread (tests/conftest.py): on a shared 2-core machine thread
+    oversubscription made a UNet forward ~60× slower (2.2 s vs 33 ms measured)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
