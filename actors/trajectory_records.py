@@ -13,6 +13,8 @@ batch from it), decided here at sampling time so nothing unused crosses the wire
 - fwd_point (K, *S), μ#(x_t) per kept row, when objective.forward_point = pretrained_mean;
 - the behaviour ε at the other steps the value term reads (`needed_eps`: every step from the
   earliest kept one on, when objective.value_loss_scale > 0), as eps_path (E, *S) + eps_idx (E,);
+- for a baseline (method ≠ residual-nabla-db), the states and ε its update reads
+  (`common.policy.baseline_path`: DRaFT's last K steps, ReFL's stop states) and no flow queries;
 - cond_emb (L, D), the prompt's text embedding, and the sampler's timesteps (N,).
 Latents and embeddings are cast to `latent_dtype`; indices are int64.
 """
@@ -24,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from nablagfn.common.config import TrainConfig
-from nablagfn.common.policy import FlowQueries
+from nablagfn.common.policy import NABLA_DB, FlowQueries, baseline_path, needed_states
 from nablagfn.common.trajectories import Trajectories
 from nablagfn.common.transport import TrajectoryRecord
 
@@ -39,12 +41,22 @@ def needed_eps(keep: torch.Tensor, num_steps: int, cfg: TrainConfig) -> Optional
     """(B, N) bool: the steps whose behaviour ε the learner reads besides the kept ones — every
     step from the earliest kept one on when the value term is on (its log-ratio ℓ_s needs the
     behaviour mean at each step) — or None."""
+    if cfg.method != NABLA_DB:  # a baseline: the steps `baseline_path` names (DRaFT's last K)
+        eps = baseline_path(keep, num_steps, cfg)[1]
+        return eps if bool(eps.any()) else None
     ob = cfg.objective
     if getattr(ob, "value_loss_scale", 0.0) <= 0 or ob.no_flow:
         return None
     out = torch.zeros(keep.shape[0], num_steps, dtype=torch.bool)
     out[:, int(keep.min()):] = True
     return out
+
+
+def record_steps(keep: torch.Tensor, num_steps: int, cfg: TrainConfig) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What the records of a batch carry besides the kept transitions: the states (B, N+1) —
+    `needed_states` plus a baseline's `baseline_path` — and the ε steps (B, N) or None (`needed_eps`)."""
+    keep = keep.cpu()
+    return needed_states(keep, num_steps, cfg) | baseline_path(keep, num_steps, cfg)[0], needed_eps(keep, num_steps, cfg)
 
 
 def trajectory_records(traj: Trajectories, keep: torch.Tensor, cond: torch.Tensor,
@@ -92,10 +104,10 @@ def trajectory_records(traj: Trajectories, keep: torch.Tensor, cond: torch.Tenso
             "timesteps": ts.clone(), "step_idx": k.clone(),
             "x_t": lat(states[b, k]), "x_next": lat(states[b, k + 1]), "eps_behaviour": lat(eps[b, k]),
             "final": lat(states[b, N]), "cond_emb": lat(cond[b].detach().to(cpu)),
-            "query_state": q_state[sel].clone(),
-            "query_row": torch.where(rows >= 0, rows - b * K, rows),
-            "query_x0": lat(q_x0[sel]),
         }
+        if bool(sel.any()):  # a record without flow queries (a baseline's) carries none of these
+            tensors.update(query_state=q_state[sel].clone(), query_row=torch.where(rows >= 0, rows - b * K, rows),
+                           query_x0=lat(q_x0[sel]))
         if extra:
             idx = torch.tensor(extra, dtype=torch.long)
             tensors["states"] = lat(states[b, idx])

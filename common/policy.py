@@ -20,9 +20,11 @@ from .config import TrainConfig
 from .prediction import x0_from_eps
 from .samplers import get_transition
 from .schedule import SamplingSchedule
+from .subsample import first_stop_step
 from .trajectories import Trajectories
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NABLA_DB = "residual-nabla-db"  # the method with a flow g_φ; the others are baselines
 
 
 def chunks(n: int, size: int):
@@ -146,7 +148,7 @@ def needed_states(keep: torch.Tensor, num_steps: int, cfg: TrainConfig) -> torch
     B, N = keep.shape[0], num_steps
     need = torch.zeros(B, N + 1, dtype=torch.bool)
     need[:, N] = True
-    if ob.guess_x0_source == "none":
+    if ob.guess_x0_source == "none" or cfg.method != NABLA_DB:  # the baselines read no flow
         return need
     if ob.backward_estimator == "stein_lambda" and not ob.no_flow:
         need[:, int(keep.min()):] = True
@@ -155,6 +157,26 @@ def needed_states(keep: torch.Tensor, num_steps: int, cfg: TrainConfig) -> torch
     need[rows, keep.cpu()] = True
     need[rows, keep.cpu() + 1] = True
     return need
+
+
+def baseline_path(keep: torch.Tensor, num_steps: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N+1) states and (B, N) behaviour-ε steps a baseline update (learner/baselines_step.py)
+    reads besides the kept transitions and the final state; all False for residual ∇-DB.
+
+    draft     the last K = min(draft.k, N) steps: their states and ε (the noises are recovered from them)
+    refl      every stop state the update may draw, ⌊f·N⌋ … N−1
+    draft-lv, ddpo, residual-db   nothing more (the final state / the kept transitions)
+    """
+    B, N = keep.shape[0], num_steps
+    states = torch.zeros(B, N + 1, dtype=torch.bool)
+    eps = torch.zeros(B, N, dtype=torch.bool)
+    if cfg.method == "draft":
+        k = min(cfg.draft.k, N)
+        states[:, N - k:] = True
+        eps[:, N - k:] = True
+    elif cfg.method == "refl":
+        states[:, first_stop_step(N, cfg.refl.min_step_fraction):N] = True
+    return states, eps
 
 
 @torch.no_grad()
@@ -191,7 +213,7 @@ def plan_flow_queries(models: PolicyCallables, traj: Trajectories, keep: torch.T
     q = FlowQueries(x=x, state=s_idx, traj=b_idx, row=torch.full_like(s_idx, -1), x0=x0)
 
     fwd_point = None
-    if ob.forward_point == "pretrained_mean":
+    if ob.forward_point == "pretrained_mean" and cfg.method == NABLA_DB:
         rows = torch.arange(B, device=device)[:, None].expand(B, K).reshape(-1)
         idx = keep.to(device).reshape(-1)
         xk = traj.states[rows, idx]

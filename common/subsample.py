@@ -7,6 +7,8 @@ whose next state is the terminal one with the known flow β∇log R) is always o
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -34,3 +36,10 @@ def subsample_steps(batch: int, num_steps: int, fraction: float, low_variance: b
     if keep_last:
         picks = torch.cat([picks, torch.full((batch, 1), num_steps - 1, dtype=torch.long)], dim=1)
     return picks.sort(dim=1).values
+
+
+def first_stop_step(num_steps: int, min_step_fraction: float) -> int:
+    """The earliest stop state ⌊f·N⌋, at most N−1."""
+    if not 0 <= min_step_fraction < 1:
+        raise ValueError(f"min_step_fraction must be in [0, 1), got {min_step_fraction}")
+    return min(num_steps - 1, int(math.floor(min_step_fraction * num_steps)))

@@ -2,7 +2,8 @@
 
 A folder `<run_dir>/checkpoint/` holding
   lora.safetensors       the policy's LoRA (diffusers keys, float32)
-  flow.safetensors       g_φ;  flow_bar.safetensors  its Polyak copy (absent with no_flow)
+  flow.safetensors       g_φ (residual DB: its log-flow head);  flow_bar.safetensors  g_φ's Polyak
+                         copy (each absent when there is none)
   optimizer.pt           AdamW's state_dict (torch.save; loaded with weights_only=True)
   state.json             version, update count, counters, the trajectory ids already trained on
 Written to a temporary sibling folder and swapped in with renames, so a crash mid-write leaves the
@@ -49,6 +50,7 @@ def save_checkpoint(run_dir: str | os.PathLike, ckpt: Checkpoint) -> Path:
         save_file(_cpu(ckpt.lora), str(tmp / "lora.safetensors"))
         if ckpt.flow:
             save_file(_cpu(ckpt.flow), str(tmp / "flow.safetensors"))
+        if ckpt.flow_bar:
             save_file(_cpu(ckpt.flow_bar), str(tmp / "flow_bar.safetensors"))
         torch.save(ckpt.optimizer, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(ckpt.state))
@@ -68,10 +70,10 @@ def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device
     folder = Path(run_dir) / NAME
     if not (folder / "state.json").is_file():
         return None
-    flow = folder / "flow.safetensors"
+    flow, flow_bar = folder / "flow.safetensors", folder / "flow_bar.safetensors"
     return Checkpoint(
         lora=load_file(str(folder / "lora.safetensors")),
         flow=load_file(str(flow)) if flow.is_file() else {},
-        flow_bar=load_file(str(folder / "flow_bar.safetensors")) if flow.is_file() else {},
+        flow_bar=load_file(str(flow_bar)) if flow_bar.is_file() else {},
         optimizer=torch.load(folder / "optimizer.pt", map_location=map_location, weights_only=True),
         state=json.loads((folder / "state.json").read_text()))

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from nablagfn.common.config import TrainConfig
-from nablagfn.common.policy import FlowQueries, needed_states
+from nablagfn.common.policy import NABLA_DB, FlowQueries, baseline_path, needed_states
 from nablagfn.common.subsample import num_kept
 from nablagfn.common.trajectories import Trajectories
 from nablagfn.common.transport import RecordError, ScoredRecord
@@ -61,7 +61,17 @@ def check_record(rec: ScoredRecord, cfg: TrainConfig, timesteps: torch.Tensor, r
     if missing:
         raise RecordError(f"tensors.query_state: states {missing[:8]} need a flow query")
     ob = cfg.objective
-    if getattr(ob, "value_loss_scale", 0.0) > 0 and not ob.no_flow:  # ℓ_s at every step from the first kept
+    if cfg.method != NABLA_DB:  # a baseline: the states and ε its update reads (`baseline_path`)
+        b_states, b_eps = baseline_path(keep, N, cfg)
+        missing = sorted(set(b_states[0].nonzero(as_tuple=True)[0].tolist()) - have)
+        if missing:
+            raise RecordError(f"tensors.states: states {missing[:8]} are needed by method {cfg.method} "
+                              "but not carried")
+        missing = sorted(set(b_eps[0].nonzero(as_tuple=True)[0].tolist()) - carried_eps(t))
+        if missing:
+            raise RecordError(f"tensors.eps_path: the behaviour ε at steps {missing[:8]} is needed by "
+                              f"method {cfg.method} but not carried")
+    elif getattr(ob, "value_loss_scale", 0.0) > 0 and not ob.no_flow:  # ℓ_s at every step from the first kept
         first = int(keep.min())
         missing = sorted(set(range(first, N)) - carried_eps(t))
         if missing:
@@ -70,7 +80,7 @@ def check_record(rec: ScoredRecord, cfg: TrainConfig, timesteps: torch.Tensor, r
         missing = sorted(set(range(first, N + 1)) - have)
         if missing:
             raise RecordError(f"tensors.states: states {missing[:8]} are needed by the value term but not carried")
-    fwd = cfg.objective.forward_point == "pretrained_mean"
+    fwd = cfg.objective.forward_point == "pretrained_mean" and cfg.method == NABLA_DB
     if fwd and "fwd_point" not in t:
         raise RecordError("tensors.fwd_point: missing (objective.forward_point=pretrained_mean)")
     if not fwd and "fwd_point" in t:

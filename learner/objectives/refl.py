@@ -11,20 +11,12 @@ Pure tensor functions.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from nablagfn.common.prediction import x0_from_eps
+from nablagfn.common.subsample import first_stop_step  # noqa: F401 - part of this objective's API
 
 from .draft import draft_loss
-
-
-def first_stop_step(num_steps: int, min_step_fraction: float) -> int:
-    """The earliest stop state ⌊f·N⌋, at most N−1."""
-    if not 0 <= min_step_fraction < 1:
-        raise ValueError(f"min_step_fraction must be in [0, 1), got {min_step_fraction}")
-    return min(num_steps - 1, int(math.floor(min_step_fraction * num_steps)))
 
 
 def draw_stop_steps(batch: int, num_steps: int, min_step_fraction: float,
