@@ -9,6 +9,8 @@ then `plan_flow_queries` / `score_flow_queries` / `drop_invalid` / `NablaDBLearn
                               skipped (non-finite) trajectories, seconds per phase
     eval.jsonl                one line per evaluation (fixed prompts and noise): reward mean/std
     samples_start.png / samples_end.png       grids of the first `grid_size` evaluation samples
+    curves.png, reward_vs_diversity.png, samples_pretrained.png / samples_final.png, report.json
+                              the end-of-run report (nablagfn/run_report.py, cfg.report)
     samples_start.safetensors / samples_end.safetensors   their latents and log R
     lora/                     the final LoRA in diffusers format (pipe.load_lora_weights(dir))
     checkpoints/update_<n>/   with checkpoint_every > 0: the LoRA after update n (every that many
@@ -304,7 +306,7 @@ class LocalTrainer:
 
         cfg, out = self.cfg, self.run_dir
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        for name in ("metrics.jsonl", "eval.jsonl"):
+        for name in ("metrics.jsonl", "eval.jsonl", "summary.json"):  # a stale summary would name the final update
             (out / name).unlink(missing_ok=True)
         if (out / "checkpoints").is_dir():  # a previous run's checkpoints would pose as this run's
             import shutil
@@ -334,6 +336,9 @@ class LocalTrainer:
                 self.save_checkpoint()
         end = log_eval("end")
         self.save()
+        from nablagfn.run_report import report_for_trainer as end_of_run_report  # curves, plots, grids
+
+        run_report = end_of_run_report(self)
         report = None
         if cfg.report.kind == "digits":  # learner/digits_report.py: grids, shares, diversity, curves
             from .digits_report import report_for_trainer
@@ -344,7 +349,8 @@ class LocalTrainer:
                    "eval_seed": eval_seed(cfg), "eval_prompts": self.eval_prompts,
                    "skipped_total": self.skipped_total, "optimizer_steps": self.learner.steps,
                    "wall_seconds": time.perf_counter() - t0, "device": str(self.device),
-                   "last_update": last, "report": report}
+                   "last_update": last, "report": report,
+                   "run_report": {k: run_report.get(k) for k in ("files", "error") if k in run_report}}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

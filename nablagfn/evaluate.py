@@ -25,15 +25,18 @@ overlap with the training prompts is counted in eval.json (and warned about).
 Writes to `out`: comparison.csv (one row per run × checkpoint: run, method, update, reward_mean,
 reward_std, diversity, prior_drift, then diversity_l2, non_finite, samples, checkpoint),
 per_prompt.csv, eval.json (settings, prompts, feature extractor), pareto_reward_diversity.png and
-pareto_reward_prior_drift.png (common/evaluation/pareto.py).
+pareto_reward_prior_drift.png (common/evaluation/pareto.py). `evaluate_run` is one run's part
+(the end-of-run report, nablagfn/run_report.py, calls it with the trainer's own models).
 """
 from __future__ import annotations
 
 import csv
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -120,30 +123,54 @@ def prompt_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-class RunModels:
-    """The pipeline + LoRA adapter, MDP schedule, reward and VAE of one run config, for sampling."""
+class PromptSamples(NamedTuple):
+    """One prompt's samples: log R (n,), features (n, D), and the images (n, 3, H, W) on the CPU
+    when asked for (the run report's grids), else None."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    log_r: torch.Tensor
+    features: torch.Tensor
+    images: Optional[torch.Tensor] = None
+
+
+@dataclass
+class RunModels:
+    """The pipeline + LoRA adapter, MDP schedule, reward and VAE of one run config, for sampling.
+    `load` builds them from a config; a trainer that holds them already passes its own (`of_trainer`)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    pipe: Any
+    denoiser: Any
+    schedule: Any
+    latent_shape: Any
+    uncond: torch.Tensor
+    reward: Any
+    vae: Any
+
+    @classmethod
+    def load(cls, cfg: TrainConfig, device: torch.device) -> "RunModels":
         from nablagfn.common.models import Denoiser, add_lora, load_pipeline
         from nablagfn.common.schedule import make_schedule
         from nablagfn.common.trajectories import latent_shape_of
         from nablagfn.learner.local_trainer import model_cache_dir, reward_vae
         from nablagfn.rewards_service.rewards import build_reward
 
-        self.cfg, self.device = cfg, device
-        self.pipe = load_pipeline(cfg.model, cache_dir=model_cache_dir(cfg), device=device)
-        add_lora(self.pipe.unet, cfg.lora)
-        self.denoiser = Denoiser.from_pipeline(self.pipe)
-        self.schedule = make_schedule(dict(self.pipe.scheduler.config), cfg.sampler.num_steps, cfg.sampler.kind)
+        pipe = load_pipeline(cfg.model, cache_dir=model_cache_dir(cfg), device=device)
+        add_lora(pipe.unet, cfg.lora)
+        denoiser = Denoiser.from_pipeline(pipe)
+        schedule = make_schedule(dict(pipe.scheduler.config), cfg.sampler.num_steps, cfg.sampler.kind)
         # the latent size exactly as the trainer computes it (learner/local_trainer.py)
-        vae_scale = getattr(self.pipe, "vae_scale_factor", None) or \
-            2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        self.latent_shape = latent_shape_of(self.denoiser, cfg.model.resolution, vae_scale)
-        self.uncond = self.denoiser.encode_prompts([""])
-        self.reward = build_reward(cfg.reward, device)
-        self.vae = reward_vae(self.pipe)
+        vae_scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        return cls(cfg, device, pipe, denoiser, schedule, latent_shape_of(denoiser, cfg.model.resolution, vae_scale),
+                   denoiser.encode_prompts([""]), build_reward(cfg.reward, device), reward_vae(pipe))
 
-    def load(self, ckpt) -> None:
+    @classmethod
+    def of_trainer(cls, trainer) -> "RunModels":
+        """The models a LocalTrainer holds (no second copy of the pipeline in memory)."""
+        return cls(trainer.cfg, trainer.device, trainer.pipe, trainer.denoiser, trainer.schedule,
+                   trainer.latent_shape, trainer.uncond, trainer.reward, trainer.vae)
+
+    def load_checkpoint(self, ckpt) -> None:
         """Put checkpoint `ckpt`'s LoRA into the adapter (the pretrained one needs none)."""
         from nablagfn.common.models import load_lora_state_dict
 
@@ -155,15 +182,15 @@ class RunModels:
 
     @torch.no_grad()
     def sample_prompt(self, prompt: str, n: int, seed: int, batch_size: int, adapter: bool,
-                      extractor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log R (n,), features (n, D)) of n samples of `prompt` from a generator seeded `seed`."""
+                      extractor, keep_images: bool = False) -> PromptSamples:
+        """n samples of `prompt` from a generator seeded `seed`: log R, features (and images)."""
         from nablagfn.common.trajectories import sample_trajectories
         from nablagfn.rewards_service.rewards import decode_latents
 
         sc, chunk = self.cfg.sampler, self.cfg.reward.chunk_size
         gen = torch.Generator().manual_seed(seed)
         cond = self.denoiser.encode_prompts([prompt])
-        log_r, feats = [], []
+        log_r, feats, kept = [], [], []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             traj = sample_trajectories(self.denoiser, self.schedule, cond.expand(b, *cond.shape[1:]),
@@ -173,24 +200,27 @@ class RunModels:
                 images = decode_latents(traj.final[c:c + chunk].float(), self.vae)
                 log_r.append(self.reward(images, [prompt] * images.shape[0]).detach().float().cpu())
                 feats.append(extract_features(extractor, images, batch_size))
-        return torch.cat(log_r), torch.cat(feats)
+                if keep_images:
+                    kept.append(images.detach().float().cpu())
+        return PromptSamples(torch.cat(log_r), torch.cat(feats), torch.cat(kept) if keep_images else None)
 
 
-def sample_checkpoint(models: RunModels, ckpt, prompts: list[str], ecfg: EvalConfig, extractor):
-    """[(log R, features)] per prompt of checkpoint `ckpt` (update 0: adapter disabled)."""
-    models.load(ckpt)
+def sample_checkpoint(models: RunModels, ckpt, prompts: list[str], ecfg: EvalConfig, extractor,
+                      keep_images: bool = False) -> list[PromptSamples]:
+    """The samples of every prompt of checkpoint `ckpt` (update 0: adapter disabled)."""
+    models.load_checkpoint(ckpt)
     return [models.sample_prompt(p, ecfg.samples, prompt_seed(ecfg.seed, i), ecfg.batch_size,
-                                 adapter=ckpt.path is not None, extractor=extractor)
+                                 adapter=ckpt.path is not None, extractor=extractor, keep_images=keep_images)
             for i, p in enumerate(prompts)]
 
 
-def checkpoint_metrics(per_prompt, reference) -> tuple[dict, list[dict]]:
+def checkpoint_metrics(per_prompt: list[PromptSamples], reference: list[PromptSamples]) -> tuple[dict, list[dict]]:
     """The comparison-row numbers of one checkpoint and its per-prompt rows (module docstring)."""
-    log_r = torch.cat([lr for lr, _ in per_prompt])
+    log_r = torch.cat([s.log_r for s in per_prompt])
     finite = log_r[torch.isfinite(log_r)]
-    feats = torch.cat([f for _, f in per_prompt])
-    groups = [i for i, (lr, _) in enumerate(per_prompt) for _ in range(lr.shape[0])]
-    drifts = [float(frechet_distance_features(f, ref_f)) for (_, f), (_, ref_f) in zip(per_prompt, reference)]
+    feats = torch.cat([s.features for s in per_prompt])
+    groups = [i for i, s in enumerate(per_prompt) for _ in range(s.log_r.shape[0])]
+    drifts = [float(frechet_distance_features(s.features, ref.features)) for s, ref in zip(per_prompt, reference)]
     row = {"reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
            "reward_std": float(finite.std(unbiased=False)) if finite.numel() else float("nan"),
            "diversity": float(grouped_mean_pairwise_distance(feats, groups, "cosine")),
@@ -198,12 +228,37 @@ def checkpoint_metrics(per_prompt, reference) -> tuple[dict, list[dict]]:
            "diversity_l2": float(grouped_mean_pairwise_distance(feats, groups, "l2")),
            "non_finite": int(log_r.numel() - finite.numel()), "samples": int(log_r.numel())}
     per = []
-    for i, ((lr, f), drift) in enumerate(zip(per_prompt, drifts)):
+    for i, ((lr, f, _), drift) in enumerate(zip(per_prompt, drifts)):
         ok = lr[torch.isfinite(lr)]
         per.append({"prompt_index": i, "reward_mean": float(ok.mean()) if ok.numel() else float("nan"),
                     "diversity": float(grouped_mean_pairwise_distance(f, [0] * f.shape[0], "cosine")),
                     "prior_drift": drift})
     return row, per
+
+
+def evaluate_run(run: Run, models: RunModels, checkpoints: list, prompts: list[str], ecfg: EvalConfig,
+                 extractor, reference: list[PromptSamples], keep_images: Callable[[Any], bool] = lambda c: False,
+                 on_checkpoint: Callable[[Any], None] = lambda c: None):
+    """One run's checkpoints on `prompts` against the pretrained `reference` (whose samples are
+    reused as the update-0 row: the same model, prompts and noise).
+
+    Returns (comparison rows, per-prompt rows, {update: samples} of the checkpoints `keep_images`
+    selects, with their images)."""
+    rows, per_prompt_rows, kept = [], [], {}
+    for ckpt in checkpoints:
+        want = keep_images(ckpt)
+        if ckpt.path is None and (not want or reference[0].images is not None):
+            per_prompt = reference
+        else:
+            per_prompt = sample_checkpoint(models, ckpt, prompts, ecfg, extractor, keep_images=want)
+        if want:
+            kept[ckpt.update] = per_prompt
+        row, per = checkpoint_metrics(per_prompt, reference)
+        head = {"run": run.label, "method": run.method, "update": ckpt.update}
+        rows.append({**head, **row, "checkpoint": ckpt.label})
+        per_prompt_rows += [{**head, **p, "prompt": prompts[p["prompt_index"]]} for p in per]
+        on_checkpoint(ckpt)
+    return rows, per_prompt_rows, kept
 
 
 def _write_csv(path: Path, columns, rows: list[dict]) -> None:
@@ -249,16 +304,13 @@ def run_eval(ecfg: EvalConfig, run_dirs: list[str | Path]) -> dict:
                          sort_keys=True)
         if key != models_key:  # runs of one model/LoRA/sampler/reward config share the loaded models
             models = None  # free the previous pipeline before loading the next
-            models, models_key = RunModels(cfg, device), key
+            models, models_key = RunModels.load(cfg, device), key
         if key not in references:  # the pretrained reference of this config, computed once
             references[key] = sample_checkpoint(models, Checkpoint(0, None), prompts, ecfg, extractor)
-        for ckpt in checkpoints[run.label]:
-            per_prompt = sample_checkpoint(models, ckpt, prompts, ecfg, extractor)
-            row, per = checkpoint_metrics(per_prompt, references[key])
-            head = {"run": run.label, "method": run.method, "update": ckpt.update}
-            rows.append({**head, **row, "checkpoint": ckpt.label})
-            per_prompt_rows += [{**head, **p, "prompt": prompts[p["prompt_index"]]} for p in per]
-            bar.update(1)
+        r_rows, r_per, _ = evaluate_run(run, models, checkpoints[run.label], prompts, ecfg, extractor,
+                                        references[key], on_checkpoint=lambda ckpt: bar.update(1))
+        rows += r_rows
+        per_prompt_rows += r_per
     bar.close()
 
     csv_path, per_path = out / "comparison.csv", out / "per_prompt.csv"
