@@ -227,17 +227,40 @@ class MetricsConfig:
 
 @dataclass
 class ReportConfig:
-    """An evaluation run after training and written to the run dir ("digits": learner/digits_report.py)."""
+    """What is written to the run dir after training, in both train modes.
+
+    Always: curves.png and report.json (nablagfn/run_report.py). With end_of_run: the run's
+    checkpoints (pretrained, kept LoRA snapshots, final) sampled on `num_prompts` prompts ×
+    `samples_per_prompt` fixed-seed samples (the `nablagfn eval` machinery) → reward_vs_diversity.png
+    and captioned sample grids of the pretrained and final policies. kind="digits" adds the digits
+    report (learner/digits_report.py), which `samples` and `reference_pool` size."""
 
     kind: Literal["none", "digits"] = "none"
-    samples: int = 512  # fine-tuned samples (and as many pretrained ones for the grids)
-    reference_pool: int = 2048  # pretrained samples; each kept with probability R^β = the exact target
-    seed: int = 0
+    samples: int = 512  # digits: fine-tuned samples (and as many pretrained ones for the grids)
+    reference_pool: int = 2048  # digits: pretrained samples; each kept with probability R^β = the exact target
+    seed: int = 0  # noise seeds of both reports (run_report: prompt i draws from SeedSequence((seed, i)))
+    end_of_run: bool = True  # sample the checkpoints: reward_vs_diversity.png and the sample grids
+    prompts: str = "heldout"  # the held-out split of the training source (the source itself if it has none), or a source
+    num_prompts: int = 4  # the first this many prompts of that source
+    samples_per_prompt: int = 4  # >= 2: diversity is a per-prompt pairwise distance
+    grid_columns: int = 4  # samples per prompt shown in the grids (<= samples_per_prompt)
+    max_checkpoints: int = 6  # points on the reward-vs-diversity plot: pretrained, final, evenly spaced snapshots
+    features: str = "auto"  # auto: dreamsim, else clip on reward.model_path, else pixels; or any `nablagfn eval` name
+    features_model_path: str | None = None
 
     def validate(self) -> None:
         require(self.samples >= 2, "samples", "must be >= 2")
         require(self.reference_pool >= 2, "reference_pool", "must be >= 2")
         require(self.seed >= 0, "seed", "must be >= 0")
+        require(bool(self.prompts), "prompts", "must name a prompt source or 'heldout'")
+        require(self.num_prompts >= 1, "num_prompts", f"must be >= 1, got {self.num_prompts}")
+        require(self.samples_per_prompt >= 2, "samples_per_prompt",
+                f"must be >= 2 (per-prompt diversity and covariance), got {self.samples_per_prompt}")
+        require(1 <= self.grid_columns <= self.samples_per_prompt, "grid_columns",
+                f"must be in [1, samples_per_prompt={self.samples_per_prompt}], got {self.grid_columns}")
+        require(self.max_checkpoints >= 2, "max_checkpoints",
+                f"must be >= 2 (the pretrained model and the final LoRA), got {self.max_checkpoints}")
+        require(bool(self.features), "features", "must name a feature extractor")
 
 
 @dataclass
