@@ -145,14 +145,33 @@ def validate(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
 
 
-def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain dict of YAML-safe values (tuples become lists)."""
+def _is_url_field(name: str) -> bool:
+    return name == "url" or name.endswith("_url")
+
+
+def _redact(value: Any) -> Any:
+    """A URL string with its password replaced by *** (connection.redacted_url); others as they are."""
+    if not isinstance(value, str) or ("@" not in value and "pass" not in value.lower()):
+        return value
+    from nablagfn.common.transport.connection import redacted_url
+
+    return redacted_url(value)
+
+
+def to_dict(obj: Any, *, secrets: bool = False) -> Any:
+    """Dataclass -> plain dict of YAML-safe values (tuples become lists).
+
+    Passwords in URL fields (`url`, `*_url`: distributed.redis.url) are replaced by *** unless
+    `secrets`, so a config.yaml or report written from it never holds a credential; a run resumed
+    from such a file takes its Redis URL again (--redis-url)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: (v if secrets or not _is_url_field(f.name) else _redact(v))
+                for f in dataclasses.fields(obj)
+                for v in (to_dict(getattr(obj, f.name), secrets=secrets),)}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, secrets=secrets) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, secrets=secrets) for k, v in obj.items()}
     return obj
 
 

@@ -294,6 +294,22 @@ def _check_queries(tensors: dict, num_steps: int) -> None:
             raise RecordError(f"tensors.query_row[{q}]: {r}, expected -1 or [0, {K})")
 
 
+def check_model_shapes(rec: "TrajectoryRecord", latent_shape: tuple[int, ...],
+                       cond_shape: tuple[int, int] | None = None) -> None:
+    """Raise RecordError unless `rec` fits the consumer's model: latents of shape `latent_shape`
+    (C, H, W) and, given `cond_shape`, a cond_emb of that (L, D). `validate` only proves a record
+    self-consistent; a consistent record of another resolution or text encoder would otherwise
+    crash a reward batch (torch.cat of mixed shapes) or the learner's update instead of being
+    dead-lettered. Call it on every decoded record before batching."""
+    t = rec.tensors
+    shape = tuple(t["final"].shape)
+    if shape != tuple(latent_shape):
+        raise RecordError(f"tensors.final: shape {shape}, expected the model's latent shape {tuple(latent_shape)}")
+    if cond_shape is not None and "cond_emb" in t and tuple(t["cond_emb"].shape) != tuple(cond_shape):
+        raise RecordError(f"tensors.cond_emb: shape {tuple(t['cond_emb'].shape)}, expected the text "
+                          f"encoder's {tuple(cond_shape)}")
+
+
 @dataclass
 class TrajectoryRecord:
     """One sampled trajectory's kept transitions (see the module docstring for the fields)."""
