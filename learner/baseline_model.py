@@ -111,15 +111,15 @@ class BaselineLearnerModel:
         self.learner.opt.load_state_dict(ckpt.optimizer)
 
     def finalize(self, run_dir: Path) -> dict[str, str]:
-        """The final LoRA (`lora/`, diffusers format) and, for residual DB, f_ψ (`log_flow.safetensors`)."""
+        """The final LoRA (`lora/`, diffusers format) and, for residual DB, f_ψ (`flow_net.safetensors`),
+        as the one-process trainer writes them."""
         from safetensors.torch import save_file
 
         from nablagfn.common.models import save_lora_diffusers
 
         out = {"lora": str(save_lora_diffusers(self.pipe, run_dir / "lora"))}
-        head = self._head()
-        if head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                      str(run_dir / "log_flow.safetensors"))
-            out["log_flow"] = str(run_dir / "log_flow.safetensors")
+        flow = self.learner.flow_state_dict()
+        if flow:
+            save_file(flow, str(run_dir / "flow_net.safetensors"))
+            out["flow_net"] = str(run_dir / "flow_net.safetensors")
         return out

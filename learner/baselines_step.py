@@ -88,7 +88,7 @@ class BaselineLearner(abc.ABC):
         return norms[0]
 
     def flow_state_dict(self) -> dict[str, torch.Tensor]:
-        """The baselines have no g_φ: nothing is written to flow_net.safetensors."""
+        """The baselines have no g_φ: nothing is written to flow_net.safetensors (residual DB: f_ψ)."""
         return {}
 
     # -- the update --------------------------------------------------------------------------------
@@ -308,6 +308,10 @@ class ResidualDBLearner(BaselineLearner):
         o = cfg.optim
         super().__init__(cfg, models, vae, reward, [{"params": list(self.log_flow.parameters()), "lr": o.flow_lr,
                                                      "weight_decay": o.flow_weight_decay}])
+
+    def flow_state_dict(self) -> dict[str, torch.Tensor]:
+        """f_ψ, written to flow_net.safetensors (residual DB's flow network)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.log_flow.state_dict().items()}
 
     @torch.no_grad()
     def guesses(self, x: torch.Tensor, idx: torch.Tensor, cond: torch.Tensor, prompts: list[str]) -> Optional[torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rewards_service"))
 from reward_fixtures import clip_image_features, tiny_clip, write_tokenizer_files  # noqa: E402
 
-from nablagfn.common.evaluation import (FeatureError, HeldoutError, build_feature_extractor,  # noqa: E402
+from nablagfn.common.evaluation import (DreamSimFeatures, FeatureError, HeldoutError, build_feature_extractor,  # noqa: E402
                                         dreamsim_available, extract_features, heldout_prompts,
                                         resolve_features)
 from nablagfn.common.evaluation.heldout import HELDOUT_SPLITS  # noqa: E402
@@ -67,6 +67,36 @@ def test_without_dreamsim_auto_is_clip_and_dreamsim_is_a_clear_error(monkeypatch
     assert not dreamsim_available() and resolve_features("auto")[0] == "clip"
     with pytest.raises(FeatureError, match="dreamsim package does not import"):
         build_feature_extractor("dreamsim")
+
+
+class _EmbedRecorder(torch.nn.Module):
+    """Stands in for the DreamSim model (its weights cannot be downloaded here): `embed` records the
+    input DreamSim would see and returns a fixed linear embedding of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 5, dtype=torch.float64)
+        self.seen = None
+
+    def embed(self, x):
+        self.seen = x
+        return self.proj(x.mean(dim=(2, 3)).double())
+
+
+def test_dreamsim_adapter_feeds_embed_224_rgb_in_unit_range():
+    """DreamSimFeatures' own part: grey → RGB, bicubic resize to 224×224, clamp to [0, 1], float32
+    output of `embed`; a 224 input is passed through unchanged (exact)."""
+    model = _EmbedRecorder()
+    feats = DreamSimFeatures(model)
+    grey = torch.linspace(-0.2, 1.2, 2 * 1 * 16 * 16).view(2, 1, 16, 16)
+    out = feats(grey)
+    assert model.seen.shape == (2, 3, 224, 224) and out.shape == (2, 5) and out.dtype == torch.float32
+    assert float(model.seen.min()) >= 0 and float(model.seen.max()) <= 1
+    assert torch.equal(model.seen[:, 0], model.seen[:, 2])  # grey replicated to three channels
+    exact = torch.rand(1, 3, 224, 224)
+    feats(exact)
+    assert torch.equal(model.seen, exact)
+    assert not any(p.requires_grad for p in feats.parameters())
 
 
 def test_a_misbehaving_extractor_is_caught():
