@@ -4,8 +4,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nablagfn.common.transport import (DTYPES, RecordError, ScoredRecord, TrajectoryRecord,
-                                       decode, encode)
+from nablagfn.common.transport import (DTYPES, SCHEMA_VERSION, RecordError, ScoredRecord,
+                                       TrajectoryRecord, decode, encode)
 from nablagfn.common.transport.bench import synthetic_trajectory
 from nablagfn.common.transport.records import SCORED_TENSORS, TRAJECTORY_META
 
@@ -13,6 +13,11 @@ SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 _VALID = synthetic_trajectory(num_steps=4, kept=2, latent_shape=(2, 2), latent_dtype="float32",
                               cond_shape=(2, 3))
+# schema 2/3 parts too, so mutations reach the query and ε-path rules: a trajectory-state query at
+# state 1 (row -1, carried by `states`) and the behaviour ε at steps 1, 2
+_VALID.tensors.update(query_state=np.array([1]), query_row=np.array([-1]), query_x0=np.zeros((1, 2, 2), np.float32),
+                      eps_idx=np.array([1, 2]), eps_path=np.zeros((2, 2, 2), np.float32))
+_VALID.validate()
 _VALID_MSG = _VALID.to_msg()
 
 
@@ -95,13 +100,15 @@ _OPS = (["near_miss"] * 6 + ["set_tensor"] * 2 + ["drop_tensor", "drop_meta", "s
 def _wrong_records(draw):
     """A valid record's wire map with a few random, well-formed (encodable) mutations."""
     scored = draw(st.booleans())
-    obj = {"schema": 1, "kind": "scored" if scored else "trajectory", "meta": dict(_VALID.meta),
-           "tensors": {k: v.numpy() for k, v in _VALID.tensors.items()}}
+    # the current schema version, so the mutations reach meta/tensor validation (a wrong version is one op)
+    obj = {"schema": SCHEMA_VERSION, "kind": "scored" if scored else "trajectory", "meta": dict(_VALID.meta),
+           "tensors": {k: np.asarray(v) for k, v in _VALID.tensors.items()}}
     if scored:
         obj["meta"].update(log_reward=-1.5, reward_name="r")
         obj["tensors"].update(grad_final=np.zeros((2, 2), np.float32),
                               log_reward_x0=np.zeros(2, np.float32),
-                              grad_x0=np.zeros((2, 2, 2), np.float32))
+                              grad_x0=np.zeros((2, 2, 2), np.float32),
+                              query_log_r=np.zeros(1, np.float32), query_grad=np.zeros((1, 2, 2), np.float32))
     for _ in range(draw(st.integers(1, 3))):
         op = draw(st.sampled_from(_OPS))
         meta_ok, tensors_ok = isinstance(obj["meta"], dict), isinstance(obj["tensors"], dict)
@@ -128,6 +135,14 @@ def _wrong_records(draw):
             obj["meta"].update(log_reward=draw(_scalars), reward_name="r")
             obj["tensors"]["grad_final"] = np.zeros((2, 2), np.float32)
     return obj
+
+
+def test_the_unmutated_templates_are_valid():
+    TrajectoryRecord.from_msg(_VALID_MSG)
+    tensors = {**_VALID.tensors, "grad_final": np.zeros((2, 2), np.float32),
+               "query_log_r": np.zeros(1, np.float32), "query_grad": np.zeros((1, 2, 2), np.float32)}
+    ScoredRecord.from_msg(encode({"schema": SCHEMA_VERSION, "kind": "scored", "tensors": tensors,
+                                  "meta": {**_VALID.meta, "log_reward": -1.5, "reward_name": "r"}}))
 
 
 @SETTINGS
