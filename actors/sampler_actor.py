@@ -12,9 +12,10 @@ One round (`step`), once the stream has room:
 3. compute what the learner needs at sampling time (common/policy.py `plan_flow_queries`: the
    flow-query states and the x̂₀ at each, μ# for pretrained-mean forward points);
 4. encode one record per trajectory (trajectory_records.py) stamped with the policy version that
-   sampled it, and XADD each. Backpressure: a round starts only while the trajectory stream is
-   below its depth bound, and an XADD that finds it full waits (the bound is exact: `add`
-   checks and appends atomically).
+   sampled it, and XADD each, counted as produced in the run's accounting in the same server-side
+   step (common/transport/accounting.py), so a sampler killed at any moment leaves the count
+   exact. Backpressure: a round starts only while the trajectory stream is below its depth bound,
+   and an XADD that finds it full waits (the bound is exact: the check and append are atomic).
 
 `run` repeats rounds until the driver sets the run's stop key (or `max_rounds`). A plain class:
 the driver wraps it with `ray.remote(...).options(resources)`; tests and benchmarks use it as is.
@@ -24,6 +25,7 @@ seed·1000 + index (+ a second stream), so samplers draw different trajectories.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Optional, Protocol
 
@@ -34,9 +36,10 @@ from nablagfn.common.config import DistributedConfig, TrainConfig
 from nablagfn.common.config_io import validate
 from nablagfn.common.metrics import index_from_name, start_role_metrics
 from nablagfn.common.transport import LoraRegistry, StreamClient, TrajectoryRecord
+from nablagfn.common.transport.accounting import Accounting
 from nablagfn.common.transport.keys import RunKeys
 
-from .trajectory_records import needed_eps, trajectory_records
+from .trajectory_records import record_steps, trajectory_records
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,6 +49,16 @@ def actor_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def restarted_by_ray() -> bool:
+    """True inside an actor that Ray restarted after a death (max_restarts)."""
+    try:
+        import ray
+
+        return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - outside an actor (tests, benchmarks): not restarted
+        return False
 
 
 class SamplerPolicy(Protocol):
@@ -70,6 +83,7 @@ class SamplerLoop:
         self.sampler_kind, self.num_steps = sampler_kind, int(num_steps)
         self.keys = RunKeys.from_config(dcfg)
         self.streams = StreamClient.from_config(dcfg.redis, redis_url)
+        self.accounting = Accounting(self.streams, self.keys.accounting)
         self.registry = LoraRegistry(self.streams.conn, prefix=self.keys.lora_prefix,
                                      keep=dcfg.redis.lora_keep_versions, max_bytes=dcfg.redis.max_lora_bytes)
         self.expected = policy.expected_shapes()
@@ -145,7 +159,7 @@ class SamplerLoop:
             msg = rec.to_msg(max_bytes=dc.redis.max_record_bytes)
             stream = self.keys.traj_stream_for(rec.traj_id)
             paused = None
-            while not self.streams.add(stream, msg, max_depth=dc.redis.max_stream_depth):
+            while not self.accounting.add(stream, msg, max_depth=dc.redis.max_stream_depth):
                 paused = paused or time.perf_counter()
                 if self.stop_requested():
                     self.counters["seconds_paused"] += time.perf_counter() - paused
@@ -204,7 +218,7 @@ class DiffusionSamplerPolicy:
         from nablagfn.common.schedule import make_schedule
         from nablagfn.common.trajectories import latent_shape_of
 
-        self.cfg = cfg
+        self.cfg, self.index = cfg, int(index)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.device = actor_device(cfg.device)
@@ -223,6 +237,13 @@ class DiffusionSamplerPolicy:
         self.subsample_gen = torch.Generator().manual_seed(cfg.seed * 1000 + index + 500)
         self.latent_dtype = _DTYPES[cfg.distributed.latent_dtype]
 
+    def reseed(self, salt: int) -> None:
+        """New prompt/noise/subsampling streams (a restarted actor), still derived from the seeds."""
+        cfg, i = self.cfg, self.index
+        self.prompt_rng = np.random.default_rng((cfg.prompts.seed, cfg.seed, 1000 + i, salt))
+        self.sample_gen = torch.Generator().manual_seed(hash((cfg.seed, i, salt)) & 0x7FFFFFFF)
+        self.subsample_gen = torch.Generator().manual_seed(hash((cfg.seed, i, salt, 500)) & 0x7FFFFFFF)
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         from nablagfn.common.models import lora_state_dict
         from nablagfn.common.transport import shapes_of
@@ -235,7 +256,7 @@ class DiffusionSamplerPolicy:
         load_lora_state_dict(self.pipe.unet, state)
 
     def sample_records(self, n: int, meta: dict, actor: str) -> list[TrajectoryRecord]:
-        from nablagfn.common.policy import needed_states, plan_flow_queries
+        from nablagfn.common.policy import plan_flow_queries
         from nablagfn.common.subsample import subsample_steps
         from nablagfn.common.trajectories import sample_trajectories
 
@@ -247,10 +268,10 @@ class DiffusionSamplerPolicy:
         keep = subsample_steps(n, sc.num_steps, s.timestep_fraction, s.low_variance, s.keep_last,
                                self.subsample_gen).to(self.device)
         queries, fwd_point = plan_flow_queries(self.models, traj, keep, cond, cfg)
-        return trajectory_records(traj, keep, cond, ids.tolist(), prompts, queries, fwd_point,
-                                  needed_states(keep, sc.num_steps, cfg), timesteps=self.schedule.timesteps,
-                                  meta=meta, actor=actor, latent_dtype=self.latent_dtype,
-                                  eps_steps=needed_eps(keep.cpu(), sc.num_steps, cfg))
+        states_needed, eps_needed = record_steps(keep, sc.num_steps, cfg)
+        return trajectory_records(traj, keep, cond, ids.tolist(), prompts, queries, fwd_point, states_needed,
+                                  timesteps=self.schedule.timesteps, meta=meta, actor=actor,
+                                  latent_dtype=self.latent_dtype, eps_steps=eps_needed)
 
 
 class SamplerActor(SamplerLoop):
@@ -260,9 +281,11 @@ class SamplerActor(SamplerLoop):
                  cache_dir: Optional[str] = None):
         validate(cfg)
         self.cfg, self.index = cfg, int(index)
-        super().__init__(cfg.distributed, DiffusionSamplerPolicy(cfg, self.index, cache_dir),
-                         name=f"sampler-{self.index}", redis_url=redis_url, run_id=run_id,
-                         sampler_kind=cfg.sampler.kind, num_steps=cfg.sampler.num_steps)
+        policy = DiffusionSamplerPolicy(cfg, self.index, cache_dir)
+        if restarted_by_ray():  # fresh noise: the seeded streams would repeat the dead incarnation's draws
+            policy.reseed(int.from_bytes(os.urandom(4), "little"))
+        super().__init__(cfg.distributed, policy, name=f"sampler-{self.index}", redis_url=redis_url,
+                         run_id=run_id, sampler_kind=cfg.sampler.kind, num_steps=cfg.sampler.num_steps)
 
     @property
     def device(self) -> torch.device:

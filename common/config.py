@@ -185,7 +185,9 @@ class RedisConfig:
     max_stream_depth: int = 256  # producers pause while a stream holds this many un-acked entries
     max_record_bytes: int = 64 * 1024 * 1024  # a message larger than this is dead-lettered unread
     num_shards: int = 1  # streams per kind: stream:traj, or stream:traj:{0..n-1} when > 1
-    retries: int = 5  # retries of a command after a connection error (0 = fail at once)
+    # retries of a command after a connection error (0 = fail at once); the default window (retry_window_s,
+    # ~11 s) covers a restart of the Redis server (embedded: the AOF reloads on the same socket)
+    retries: int = 10
     backoff_s: float = 0.05  # first retry delay; doubles per retry up to backoff_max_s
     backoff_max_s: float = 2.0
     connect_timeout_s: float = 5.0
@@ -209,6 +211,11 @@ class RedisConfig:
         require(self.dead_letter_max_len >= 1, "dead_letter_max_len", "must be >= 1")
         require(self.lora_keep_versions >= 1, "lora_keep_versions", "must be >= 1")
         require(self.max_lora_bytes >= 1024, "max_lora_bytes", "must be >= 1024")
+
+    @property
+    def retry_window_s(self) -> float:
+        """How long a command keeps retrying (sum of the backoff delays) before it fails."""
+        return sum(min(self.backoff_max_s, self.backoff_s * 2 ** i) for i in range(self.retries))
 
 
 @dataclass
@@ -300,6 +307,9 @@ class DistributedConfig:
     poll_s: float = 0.05  # pause while a stream is full or no LoRA version is published yet
     startup_timeout_s: float = 900.0  # actors must be ready (models loaded) within this
     stall_timeout_s: float = 900.0  # the driver fails the run if the learner makes no update for this long
+    # Ray restarts a dead actor up to this many times (each sampler, reward worker, the learner — which
+    # resumes from its checkpoint; none with checkpoint_every = 0); the driver resubmits its loop
+    max_actor_restarts: int = 3
     namespace: str = ""  # prefix of every Redis key ("" = stream:traj, lora:latest, ...)
     ray_address: str | None = None  # None = start a local Ray runtime
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -323,6 +333,9 @@ class DistributedConfig:
         require(self.poll_s > 0, "poll_s", "must be > 0")
         require(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
         require(self.stall_timeout_s > 0, "stall_timeout_s", "must be > 0")
+        require(isinstance(self.max_actor_restarts, int) and not isinstance(self.max_actor_restarts, bool)
+                and self.max_actor_restarts >= 0, "max_actor_restarts",
+                f"must be an integer >= 0, got {self.max_actor_restarts!r}")
         require(":" not in self.namespace and " " not in self.namespace, "namespace",
                 "must not contain ':' or spaces")
 

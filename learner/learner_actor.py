@@ -20,14 +20,23 @@ One update (`StreamLearner.update`):
 2. `model.train(records)`: for the diffusion path `record_batch.update_data` + `NablaDBLearner.learn`
    — the same update as the one-process trainer, with the chain rule to x_t and the Stein targets
    computed here.
-3. publish every `publish_every` updates; checkpoint every `checkpoint_every` updates (policy, g_φ,
-   its Polyak copy, optimizer, version, counters, seen ids) and only then XACK the trained entries:
-   after a crash, what was not checkpointed is redelivered and trained again from the restored
-   state, and what was is never trained twice (its ids are in the checkpoint). With
-   checkpoint_every = 0 there are no checkpoints and entries are acked right after the update.
-   Trained ids are remembered while their records could still be admitted (policy_version within
-   max_policy_lag of the current version); an older redelivery is dropped as stale anyway.
-4. append one metrics map to `stream:metrics` (the driver tails it).
+3. publish every `publish_every` updates; append one metrics map to `stream:metrics` (the driver
+   tails it); checkpoint every `checkpoint_every` updates (policy, g_φ, its Polyak copy,
+   optimizer, version, counters, seen ids, the entries about to be acked) and only then XACK the
+   trained entries: after a crash, what was not checkpointed is redelivered and trained again from
+   the restored state, and what was is never trained twice (its ids are in the checkpoint; its
+   entries are acked again at resume, counted once). With checkpoint_every = 0 there are no
+   checkpoints and entries are acked right after the update. Trained ids are remembered while
+   their records could still be admitted (policy_version within max_policy_lag of the current
+   version); an older redelivery is dropped as stale anyway.
+Every ack and dead letter also counts the record in the run's accounting in the same server-side
+step (common/transport/accounting.py: trained, dropped_stale, duplicates, dead_lettered).
+
+Exactly-once metrics across restarts: at start the learner appends an event
+{"event": "start", "update": U, ...} to `stream:metrics`, U being the update count it resumes at
+(its checkpoint's; 0 on a fresh run). Metrics of updates after U that a dead incarnation appended
+are redone by this one, so the driver drops its lines with update > U. The metrics of an update are
+appended before its checkpoint, so no checkpointed update lacks them.
 It never samples trajectories.
 """
 from __future__ import annotations
@@ -44,6 +53,7 @@ from nablagfn.common.config_io import validate
 from nablagfn.common.metrics import start_role_metrics
 from nablagfn.common.transport import (LoraRegistry, RecordError, ScoredRecord, StreamClient,
                                        encode)
+from nablagfn.common.transport.accounting import Accounting
 from nablagfn.common.transport.keys import LEARNER_GROUP, RunKeys
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -57,6 +67,19 @@ def learner_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def optimizer_fingerprint(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A small summary of an optimizer state_dict (per-parameter step counts, sums of the moment
+    tensors) to compare a checkpoint with what a restarted learner holds."""
+    steps, sums = [], {}
+    for st in state_dict.get("state", {}).values():
+        for k, v in st.items():
+            if k == "step":
+                steps.append(int(float(v)))
+            elif isinstance(v, torch.Tensor):
+                sums[k] = sums.get(k, 0.0) + float(v.detach().double().sum())
+    return {"params": len(state_dict.get("state", {})), "steps": sorted(set(steps)), "sums": sums}
 
 
 class LearnerModel(Protocol):
@@ -90,6 +113,7 @@ class StreamLearner:
         self.batch_size, self.target_updates = int(batch_size), int(updates)
         self.keys = RunKeys.from_config(dcfg)
         self.streams = StreamClient.from_config(dcfg.redis, redis_url)
+        self.accounting = Accounting(self.streams, self.keys.accounting)
         for stream in self.keys.scored_streams:
             self.streams.ensure_group(stream, LEARNER_GROUP)
         self.registry = LoraRegistry(self.streams.conn, prefix=self.keys.lora_prefix,
@@ -100,11 +124,16 @@ class StreamLearner:
         self.counters = {"trained": 0, "dropped_stale": 0, "duplicates": 0, "dead_lettered": 0,
                          "checkpoints": 0, "publishes": 0, "seconds_learn": 0.0, "seconds_wait": 0.0,
                          "seconds_publish": 0.0, "seconds_checkpoint": 0.0}
-        self.resumed = self._resume()
         self.pending: list[tuple[str, str]] = []  # trained entries to ack after the next checkpoint
+        self.restored: dict[str, Any] = {}
+        self.resumed = self._resume()
+        self._ack_pending()  # the checkpoint's entries, in case the dead incarnation did not ack them
         self._reclaim_own = True
         self.metrics = start_role_metrics(dcfg.metrics, "learner", 0, self.streams.conn, self.keys)
         self.publish()
+        self._append_metrics({"event": "start", "update": self.updates, "version": self.version,
+                              "resumed": self.resumed, "optimizer_steps": self.model.optimizer_steps,
+                              "restored": self.restored})
 
     # -- state ----------------------------------------------------------------------------------
     def _resume(self) -> bool:
@@ -115,11 +144,16 @@ class StreamLearner:
         if st.get("run_id") != self.run_id:
             raise RuntimeError(f"{self.run_dir}/checkpoint belongs to run {st.get('run_id')!r}, not "
                                f"{self.run_id!r}: use a fresh run_dir or the same run id")
+        in_checkpoint = optimizer_fingerprint(ckpt.optimizer)
         self.model.restore(ckpt)
         self.model.optimizer_steps = int(st["optimizer_steps"])
         self.updates, self.version = int(st["updates"]), int(st["version"])
         self.seen = {k: int(v) for k, v in st["seen"].items()}
         self.counters.update(st["counters"])
+        self.pending = [(str(a), str(b)) for a, b in st.get("unacked", [])]
+        self.restored = {"update": self.updates, "version": self.version,
+                         "optimizer_steps": self.model.optimizer_steps, "checkpoint_optimizer": in_checkpoint,
+                         "live_optimizer": optimizer_fingerprint(self.model.checkpoint().optimizer)}
         return True
 
     def checkpoint(self) -> None:
@@ -129,7 +163,7 @@ class StreamLearner:
         self.counters["checkpoints"] += 1
         ckpt.state = {"run_id": self.run_id, "updates": self.updates, "version": self.version,
                       "optimizer_steps": self.model.optimizer_steps, "counters": self.counters,
-                      "seen": self.seen}
+                      "seen": self.seen, "unacked": [list(p) for p in self.pending]}
         save_checkpoint(self.run_dir, ckpt)
         self._ack_pending()
         self.counters["seconds_checkpoint"] += time.perf_counter() - t0
@@ -139,7 +173,7 @@ class StreamLearner:
         for stream, entry_id in self.pending:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            self.streams.ack(stream, LEARNER_GROUP, ids)
+            self.accounting.ack(stream, LEARNER_GROUP, ids, "trained")
         self.pending = []
 
     def publish(self) -> int:
@@ -182,15 +216,15 @@ class StreamLearner:
                 raise RecordError(f"meta.policy_version: {rec.policy_version} is newer than the learner's "
                                   f"{self.version}")
         except RecordError as exc:
-            self.streams.dead_letter(stream, LEARNER_GROUP, entry_id, payload, exc.reason)
+            self.accounting.dead_letter(stream, LEARNER_GROUP, entry_id, payload, exc.reason)
             self.counters["dead_lettered"] += 1
             return None
         if rec.traj_id in self.seen or rec.traj_id in batch_ids:
-            self.streams.ack(stream, LEARNER_GROUP, entry_id)
+            self.accounting.ack(stream, LEARNER_GROUP, entry_id, "duplicates")
             self.counters["duplicates"] += 1
             return None
         if self.version - rec.policy_version > self.dcfg.max_policy_lag:
-            self.streams.ack(stream, LEARNER_GROUP, entry_id)
+            self.accounting.ack(stream, LEARNER_GROUP, entry_id, "dropped_stale")
             self.counters["dropped_stale"] += 1
             return None
         return rec
@@ -229,10 +263,6 @@ class StreamLearner:
         self.counters["seconds_learn"] += t2 - t1
         if self.updates % self.dcfg.publish_every == 0:
             self.publish()
-        if not self.dcfg.checkpoint_every:
-            self._ack_pending()  # no checkpoints: nothing to resume from, ack at once
-        elif self.updates % self.dcfg.checkpoint_every == 0:
-            self.checkpoint()
         log_r = torch.tensor([r.log_reward for r in records], dtype=torch.float64)
         lags = [trained_at - r.policy_version for r in records]
         metrics = {"update": self.updates, "version": self.version, "trained_at_version": trained_at,
@@ -247,9 +277,16 @@ class StreamLearner:
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.metrics.learner_update(metrics, logs, lags, sum(r.num_kept for r in records), self.counters,
                                     self.streams, self.keys)
-        self.streams.conn.call(self.streams.conn.client.xadd, self.keys.metrics_stream,
-                               {b"d": encode(metrics)}, maxlen=METRICS_MAXLEN, approximate=True)
+        self._append_metrics(metrics)  # before the checkpoint: a checkpointed update has its metrics
+        if not self.dcfg.checkpoint_every:
+            self._ack_pending()  # no checkpoints: nothing to resume from, ack at once
+        elif self.updates % self.dcfg.checkpoint_every == 0:
+            self.checkpoint()
         return metrics
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        self.streams.conn.call(self.streams.conn.client.xadd, self.keys.metrics_stream,
+                               {b"d": encode(row)}, maxlen=METRICS_MAXLEN, approximate=True)
 
     def run(self, updates: Optional[int] = None) -> dict[str, Any]:
         """Updates until `updates` in total (default: the configured count; a resumed learner counts
@@ -264,7 +301,8 @@ class StreamLearner:
 
     def stats(self) -> dict[str, Any]:
         return {"actor": CONSUMER, "updates": self.updates, "version": self.version,
-                "optimizer_steps": self.model.optimizer_steps, **self.counters, "resumed": self.resumed}
+                "optimizer_steps": self.model.optimizer_steps, **self.counters, "resumed": self.resumed,
+                "restored": self.restored}
 
     def close(self) -> None:
         self.metrics.close()
@@ -351,13 +389,23 @@ class DiffusionLearnerModel:
         return out
 
 
+def build_learner_model(cfg: TrainConfig, cache_dir: Optional[str] = None) -> LearnerModel:
+    """The model of `cfg.method`: residual ∇-DB (`DiffusionLearnerModel`) or a baseline
+    (learner/baseline_model.py)."""
+    if cfg.method == "residual-nabla-db":
+        return DiffusionLearnerModel(cfg, cache_dir)
+    from .baseline_model import BaselineLearnerModel
+
+    return BaselineLearnerModel(cfg, cache_dir)
+
+
 class LearnerActor(StreamLearner):
-    """The learner of a distributed diffusion run: `StreamLearner` around `DiffusionLearnerModel`."""
+    """The learner of a distributed diffusion run: `StreamLearner` around the model of `cfg.method`."""
 
     def __init__(self, cfg: TrainConfig, redis_url: str, run_id: str, cache_dir: Optional[str] = None):
         validate(cfg)
         self.cfg = cfg
-        super().__init__(cfg.distributed, DiffusionLearnerModel(cfg, cache_dir), redis_url=redis_url,
+        super().__init__(cfg.distributed, build_learner_model(cfg, cache_dir), redis_url=redis_url,
                          run_id=run_id, run_dir=cfg.run_dir, batch_size=cfg.batch_trajectories,
                          updates=cfg.updates)
 

@@ -55,29 +55,74 @@ DEFAULT_TRAIN_PRESET = "digits"  # `nablagfn train` with neither --preset nor --
 DEFAULT_BENCH_PRESET = "tiny"  # the service benchmarks: the tiny SD pipeline (text conditioning, VAE)
 
 
+# Fields a resumed run must keep (the checkpoint, the records in Redis and the LoRA shapes depend on
+# them); everything else (updates, sizes, resources, timeouts, ...) may be overridden on --resume.
+RESUME_FIXED = ("model.", "lora.", "flow_net.", "sampler.", "subsample.", "objective.", "optim.", "reward.",
+                "prompts.", "method", "seed", "run_dir", "distributed.namespace", "distributed.redis.num_shards",
+                "distributed.latent_dtype")
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped cleanly on SIGTERM, resumable, not finished
+
+
+def _resume_config(args):
+    """TrainConfig of `train --resume RUN_DIR`: RUN_DIR/config.yaml <- --updates <- safe overrides."""
+    from nablagfn.common.config import TrainConfig
+
+    run_dir = Path(args.resume)
+    if args.preset or args.config:
+        raise ConfigError("--resume: the run's own config.yaml is used; drop --preset/--config")
+    if args.mode != "distributed":
+        raise ConfigError("--resume: only distributed runs resume (--mode distributed)")
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume: run dir {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {run_dir / 'config.yaml'} is missing: not a run dir of `nablagfn train`")
+    if not (run_dir / "checkpoint" / "state.json").is_file():
+        raise ConfigError(f"--resume: {run_dir / 'checkpoint'} has no checkpoint (state.json): nothing to resume "
+                          "(the run stopped before its first checkpoint, or distributed.checkpoint_every=0)")
+    fixed = [o for o in args.overrides if o.split("=", 1)[0].startswith(RESUME_FIXED)]
+    if fixed or args.seed is not None or args.reward is not None:
+        bad = fixed + (["--seed"] if args.seed is not None else []) + (["--reward"] if args.reward else [])
+        raise ConfigError(f"--resume: {', '.join(bad)} cannot change on a resumed run (the checkpoint and "
+                          f"the queued records depend on it); fixed: {', '.join(RESUME_FIXED)}")
+    cli: dict = {"run_dir": str(run_dir)}
+    if args.updates is not None:
+        cli["updates"] = args.updates
+    if args.no_progress:
+        cli["progress"] = False
+    return build_config(TrainConfig, load_yaml(run_dir / "config.yaml"), cli, overrides=args.overrides)
+
+
 def _train_distributed(args) -> int:
     from nablagfn.driver import DriverError, train_distributed
 
     errors = _load_errors()
     try:
-        cfg = _train_config(args)
+        cfg = _resume_config(args) if args.resume else _train_config(args)
         summary = train_distributed(cfg, redis_url=args.redis_url, ray_address=args.ray_address,
                                     print_table=cfg.progress)
     except errors + (DriverError,) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if summary.get("stopped"):
+        print(f"stopped on SIGTERM after update {summary['updates']}; continue with: "
+              f"nablagfn train --resume {cfg.run_dir}", file=sys.stderr)
     brief = {k: summary[k] for k in ("mode", "updates", "seed", "reward", "reward_first", "reward_last",
                                      "reward_gain", "lag_max", "dead_letters", "optimizer_steps",
                                      "wall_seconds", "learner_busy_fraction")}
     brief["final_version"] = summary["learner"]["version"]
     brief["run_dir"] = str(cfg.run_dir)
+    brief["stopped"] = summary["stopped"]
+    brief["restarts"] = summary["restarts"]
+    brief["unaccounted"] = summary["accounting"]["unaccounted"]
     print(json.dumps(brief, indent=2))
-    return 0
+    return EXIT_STOPPED if summary["stopped"] else 0
 
 
 def _train(args) -> int:
     from nablagfn.learner.local_trainer import LocalTrainer
 
+    if args.resume:
+        return _train_distributed(args)
     if args.preset is None and args.config is None:
         args.preset = DEFAULT_TRAIN_PRESET
     if args.mode == "distributed":
@@ -357,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--run-dir", dest="run_dir", help="output directory (run_dir)")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a stopped distributed run: its config.yaml, checkpoint and embedded Redis "
+                            "(add --updates N for the new total; other key=value overrides where safe)")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate run checkpoints: reward, diversity, prior drift; CSV + Pareto PNGs")

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +42,9 @@ from urllib.parse import urlsplit
 from nablagfn.common.config import RoleResources, TrainConfig
 from nablagfn.common.config_io import ConfigError, to_dict, validate
 from nablagfn.common.metrics import TargetsWriter
+from nablagfn.common.transport.accounting import read_accounting
+from nablagfn.run_files import RunFiles
+from nablagfn.supervisor import Supervisor
 
 ROLES = ("sampler", "reward", "learner")
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # the actors exchange configs and stats only
@@ -53,10 +58,6 @@ class DriverError(RuntimeError):
 def check_config(cfg: TrainConfig) -> None:
     """Cross-section checks of a distributed run (each names its field)."""
     validate(cfg)
-    method = getattr(cfg, "method", "residual-nabla-db")
-    if method != "residual-nabla-db":
-        raise ConfigError(f"method: {method!r} runs with --mode local only; the distributed mode "
-                          "trains residual-nabla-db")
     dc = cfg.distributed
     if dc.checkpoint_every * cfg.batch_trajectories >= dc.redis.max_stream_depth:
         raise ConfigError(
@@ -178,10 +179,11 @@ def run_id_for(run_dir: Path) -> str:
 
 
 class MetricsTail:
-    """Reads the learner's metrics stream from where it last stopped (plain XREAD)."""
+    """Reads the learner's metrics stream from where it last stopped (plain XREAD); update rows only,
+    unless `events` (then also the learner's {"event": "start"} marks)."""
 
-    def __init__(self, streams, key: str, start_id: str = "0-0"):
-        self.streams, self.key, self.last = streams, key, start_id
+    def __init__(self, streams, key: str, start_id: str = "0-0", events: bool = False):
+        self.streams, self.key, self.last, self.events = streams, key, start_id, events
 
     def poll(self, block_ms: int) -> list[dict]:
         from nablagfn.common.transport import decode
@@ -192,7 +194,9 @@ class MetricsTail:
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 self.last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                out.append(decode(fields[b"d"]))
+                m = decode(fields[b"d"])
+                if self.events or "event" not in m:  # events: the learner's start marks (run_files.py)
+                    out.append(m)
         return out
 
 
@@ -228,7 +232,8 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
     from nablagfn.actors.sampler_actor import SamplerActor
     from nablagfn.common.models.loading import PRESETS, resolve_pretrained
     from nablagfn.common.transport import StreamClient
-    from nablagfn.common.transport.keys import LEARNER_GROUP, REWARD_GROUP, RunKeys
+    from nablagfn.common.transport.accounting import Accounting
+    from nablagfn.common.transport.keys import LEARNER_GROUP, REWARD_GROUP, RunKeys, actor_name
     from nablagfn.learner.learner_actor import LearnerActor
     from nablagfn.learner.local_trainer import check_inputs, model_cache_dir
     from nablagfn.rewards_service.worker import RewardWorker
@@ -244,9 +249,6 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
     resumed = (run_dir / "checkpoint" / "state.json").is_file()
     run_id = run_id_for(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    for name in ("metrics.jsonl", "trained.jsonl"):
-        if not resumed:
-            (run_dir / name).unlink(missing_ok=True)
     cache_dir = str(model_cache_dir(cfg))
     if cfg.model.pretrained in PRESETS:  # build a preset once here, not in every actor at once
         resolve_pretrained(cfg.model, cache_dir)
@@ -257,74 +259,105 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
     targets = None
     started_ray = False
     actors: list = []
+    sigterm = SigtermStop()
+    files = RunFiles(run_dir, fresh=not resumed)
     t_start = time.perf_counter()
     try:
         streams = StreamClient.from_config(dc.redis, redis.url)
+        accounting = Accounting(streams, keys.accounting)
         streams.conn.call(streams.conn.client.delete, keys.stop_key)
         for s in keys.traj_streams:
             streams.ensure_group(s, REWARD_GROUP)
         for s in keys.scored_streams:
             streams.ensure_group(s, LEARNER_GROUP)
-        if not resumed:  # a fresh run: metrics of an earlier run in this Redis are not ours
+        if not resumed:  # a fresh run: metrics and counts of an earlier run in this Redis are not ours
             streams.conn.call(streams.conn.client.delete, keys.metrics_stream)
-        tail = MetricsTail(streams, keys.metrics_stream, start_id=_last_id(streams, keys.metrics_stream))
+            accounting.reset()
+        tail = MetricsTail(streams, keys.metrics_stream, events=True,
+                           start_id=(resumed and files.cursor()) or _last_id(streams, keys.metrics_stream))
         targets = TargetsWriter(streams.conn, keys, run_dir)  # <run_dir>/prometheus_targets.json
         targets.reset()
         started_ray = start_ray(cfg, ray_address)
+        sigterm.install()
 
-        learner = ray.remote(LearnerActor).options(**role_options(dc.learner)).remote(cfg, redis.url, run_id, cache_dir)
-        actors.append(learner)
-        workers = [ray.remote(RewardWorker).options(**role_options(dc.reward)).remote(cfg, i, redis.url, cache_dir)
-                   for i in range(dc.num_reward_workers)]
-        samplers = [ray.remote(SamplerActor).options(**role_options(dc.sampler)).remote(cfg, i, redis.url, run_id, cache_dir)
-                    for i in range(dc.num_samplers)]
-        actors += workers + samplers
-        _get_ready([learner.ready.remote()] + [a.ready.remote() for a in workers + samplers], dc.startup_timeout_s)
+        # a learner without checkpoints cannot resume, so Ray does not restart it
+        learner_restarts = dc.max_actor_restarts if dc.checkpoint_every else 0
+        sup = Supervisor(dc.startup_timeout_s, DriverError)
+        roles = [("learner", LearnerActor, dc.learner, 1, learner_restarts, lambda i: (cfg, redis.url, run_id, cache_dir)),
+                 ("reward", RewardWorker, dc.reward, dc.num_reward_workers, dc.max_actor_restarts,
+                  lambda i: (cfg, i, redis.url, cache_dir)),
+                 ("sampler", SamplerActor, dc.sampler, dc.num_samplers, dc.max_actor_restarts,
+                  lambda i: (cfg, i, redis.url, run_id, cache_dir))]
+        for role, cls, res, count, restarts, args in roles:
+            for i in range(count):
+                name = actor_name(run_id, role, i)
+                handle = _create_actor(ray.remote(cls), dict(role_options(res), name=name, max_restarts=restarts),
+                                       args(i), name)
+                actors.append(handle)
+                sup.add(role, name, handle, restarts)
+        _get_ready([m.handle.ready.remote() for m in sup.members], dc.startup_timeout_s)
         targets.refresh()
 
-        learner_ref = learner.run.remote()
-        other_refs = [w.run.remote() for w in workers] + [s.run.remote() for s in samplers]
+        sup.start()
         bar = tqdm(total=cfg.updates, desc="nablagfn train (distributed)", disable=not cfg.progress, mininterval=1.0)
-        metrics: list[dict] = []
         last_progress = time.monotonic()
-        with open(run_dir / "metrics.jsonl", "a") as mfh, open(run_dir / "trained.jsonl", "a") as tfh:
-            while True:
-                for m in tail.poll(block_ms=500):
-                    _write_metrics(m, mfh, tfh)
-                    metrics.append(m)
+        stopping = False
+
+        def drain(block_ms: int) -> None:
+            nonlocal last_progress
+            got = tail.poll(block_ms=block_ms)
+            for m in got:
+                if files.handle(m):
                     bar.n = m["update"]
-                    bar.set_postfix(reward=f"{m['reward_mean']:.4g}", version=m["version"], lag=m["lag_max"])
+                    bar.set_postfix(reward=f"{m['reward_mean'] or float('nan'):.4g}", version=m["version"],
+                                    lag=m["lag_max"])
                     bar.refresh()
-                    last_progress = time.monotonic()
-                targets.refresh()  # an actor restarted by Ray registers its new endpoint
-                done, _ = ray.wait([learner_ref] + other_refs, num_returns=len(other_refs) + 1, timeout=0)
-                for ref in done:
-                    if ref is not learner_ref:  # samplers and workers run until the stop key
-                        ray.get(ref)  # raises the actor's error
-                        raise DriverError("an actor stopped before the learner finished")
-                if learner_ref in done:
-                    learner_stats = ray.get(learner_ref)
-                    break
-                if time.monotonic() - last_progress > dc.stall_timeout_s:
-                    raise DriverError(f"the learner made no update for {dc.stall_timeout_s:.0f} s "
-                                      "(distributed.stall_timeout_s): samplers or reward workers stuck?")
-            for m in tail.poll(block_ms=1):
-                _write_metrics(m, mfh, tfh)
-                metrics.append(m)
+                last_progress = time.monotonic()
+            if got:
+                files.save_cursor(tail.last)
+
+        while not sup.learner_done():
+            drain(500)
+            targets.refresh()  # an actor restarted by Ray registers its new endpoint
+            if sigterm.requested and not stopping:  # preempted: stop cleanly, the run dir stays resumable
+                streams.conn.call(streams.conn.client.set, keys.stop_key, 1)
+                stopping = True
+            n_restarts = sum(m.restarts for m in sup.members)
+            sup.poll(stopping=stopping)
+            if sum(m.restarts for m in sup.members) != n_restarts:
+                last_progress = time.monotonic()
+            if time.monotonic() - last_progress > dc.stall_timeout_s:
+                raise DriverError(f"the learner made no update for {dc.stall_timeout_s:.0f} s "
+                                  "(distributed.stall_timeout_s): samplers or reward workers stuck?")
+        drain(1)
         bar.close()
         streams.conn.call(streams.conn.client.set, keys.stop_key, 1)
-        other_stats = ray.get(other_refs, timeout=dc.startup_timeout_s)
-        outputs = ray.get(learner.finalize.remote())
-        worker_stats = other_stats[:len(workers)]
-        sampler_stats = other_stats[len(workers):]
+        deadline = time.monotonic() + dc.startup_timeout_s
+        while not sup.all_done():
+            if time.monotonic() > deadline:
+                raise DriverError(f"actors did not stop within {dc.startup_timeout_s:.0f} s of the stop key")
+            sup.poll(stopping=True, timeout_s=0.5)
+        learner_stats = sup.results("learner")[0]
+        outputs = ray.get(sup.of("learner")[0].handle.finalize.remote())
+        files.close()
+        trained_ids = files.trained_ids()
+        acct = read_accounting(accounting, keys.traj_streams, keys.scored_streams, (REWARD_GROUP, LEARNER_GROUP),
+                               trained=len(set(trained_ids)))
+        acct["trained_lines"] = len(trained_ids)
         dead = {s: len(streams.dead_letters(s, count=10_000)) for s in keys.traj_streams + keys.scored_streams}
-        summary = _summary(cfg, run_id, metrics, learner_stats, sampler_stats, worker_stats, dead, outputs,
-                           time.perf_counter() - t_start, redis, ray_address, resumed)
+        summary = _summary(cfg, run_id, files.rows, learner_stats, sup.results("sampler"), sup.results("reward"),
+                           dead, outputs, time.perf_counter() - t_start, redis, ray_address, resumed)
+        summary.update(stopped=sigterm.requested, accounting=acct, restarts=sup.restarts_by_role(),
+                       restarts_by_actor={m.name: m.restarts for m in sup.members if m.restarts},
+                       restart_seconds={m.name: m.restart_seconds for m in sup.members if m.restart_seconds},
+                       metrics_truncations=files.truncations)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        from nablagfn.common.metrics.curves import write_curves
+        from nablagfn.run_report import write_run_report  # curves.png, reward vs diversity, sample grids
 
-        write_curves(run_dir, [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x])
-        if cfg.report.kind == "digits":  # the digits demo's evaluation, from the run dir's config and LoRA
+        rep = write_run_report(run_dir, cfg, rows=files.rows, sample=not sigterm.requested)
+        summary["run_report"] = {k: rep[k] for k in ("files", "error") if k in rep}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.report.kind == "digits" and not sigterm.requested:  # the digits demo's evaluation
             from nablagfn.learner.digits_report import report_from_run_dir
 
             summary["report"] = report_from_run_dir(run_dir, cfg)
@@ -333,6 +366,8 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
             print(_summary_table(summary))
         return summary
     finally:
+        sigterm.uninstall()
+        files.close()
         if targets is not None:
             targets.clear()  # the endpoints die with the actors
         if streams is not None:
@@ -352,6 +387,44 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
         redis.stop()
 
 
+class SigtermStop:
+    """SIGTERM (a preemptible node going away) turns into a clean stop: the driver sets the stop key,
+    the learner writes its final checkpoint, and the run dir can be resumed (`train --resume`).
+    Only in the main thread (Python delivers signals there); elsewhere it is a no-op."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+
+def _create_actor(remote_cls, options: dict, args: tuple, name: str, timeout_s: float = 30.0):
+    """remote_cls.options(**options).remote(*args), waiting while `name` is still held by a killed
+    actor of an earlier attempt on the same run (Ray frees names asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return remote_cls.options(**options).remote(*args)
+        except ValueError as exc:
+            if "already" not in str(exc) or time.monotonic() > deadline:
+                raise DriverError(f"cannot create actor {name}: {exc}") from None
+            time.sleep(0.5)
+
+
 def _last_id(streams, key: str) -> str:
     last = streams.conn.call(streams.conn.client.xrevrange, key, count=1)
     if not last:
@@ -369,17 +442,6 @@ def _get_ready(refs: list, timeout_s: float) -> None:
         raise DriverError(f"actors were not ready within {timeout_s:.0f} s (distributed.startup_timeout_s): "
                           "are the requested resources (distributed.<role>.num_cpus/num_gpus/resources) "
                           "available in the cluster?") from None
-
-
-def _write_metrics(m: dict, mfh, tfh) -> None:
-    ids, versions = m.get("traj_ids", []), m.get("sampled_versions", [])
-    row = {k: v for k, v in m.items() if k not in ("traj_ids", "sampled_versions")}
-    mfh.write(json.dumps(row) + "\n")
-    for tid, v in zip(ids, versions):
-        tfh.write(json.dumps({"traj_id": tid, "sampled_version": v, "trained_at_version": m["trained_at_version"],
-                              "update": m["update"]}) + "\n")
-    mfh.flush()
-    tfh.flush()
 
 
 def _summary(cfg, run_id, metrics, learner, samplers, workers, dead, outputs, wall, redis, ray_address,

@@ -1,8 +1,10 @@
 """`RewardWorker`: trajectory records in, scored records out (ARCHITECTURE.md, reward service).
 
 One step:
-1. take entries of `stream:traj` for this consumer of group `reward`: first those left pending
-   longer than `reclaim_idle_ms` by a dead or stuck consumer (XAUTOCLAIM), else new ones
+1. take entries of `stream:traj` for this consumer of group `reward`: at start, those a previous
+   incarnation under the same consumer name (`reward-{index}`, so a worker Ray restarts keeps it)
+   read but never acked (XREADGROUP from id 0: no idle wait, it is dead); then those left pending
+   longer than `reclaim_idle_ms` by another dead or stuck consumer (XAUTOCLAIM), else new ones
    (XREADGROUP, blocking up to `block_ms`);
 2. decode and validate each (size limit before decoding, schema, shapes, dtypes, finite values);
    a bad one goes to the dead-letter stream with its reason and the worker carries on;
@@ -12,7 +14,10 @@ One step:
 4. a record any of whose rewards or gradients is not finite is dead-lettered ("non-finite
    reward ...") and counted, never passed on; the others become `ScoredRecord`s (query_x0 left
    out: the learner recomputes x̂₀) XADDed to `stream:scored`, waiting while it is full;
-5. XACK (and delete) each trajectory entry only after its scored record is written.
+5. XACK (and delete) each trajectory entry and XADD its scored record in one server-side step
+   (common/transport/accounting.py `write_and_ack`): a worker killed before it leaves the entry
+   pending for a reclaim; an entry another worker settled first is skipped, so each trajectory
+   becomes at most one scored record. Dead letters are counted in the run's accounting likewise.
 Nothing is kept between messages but counters, so any number of workers can share the group.
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import validate
 from nablagfn.common.metrics import start_role_metrics
 from nablagfn.common.transport import RecordError, ScoredRecord, StreamClient, TrajectoryRecord
+from nablagfn.common.transport.accounting import Accounting
 from nablagfn.common.transport.keys import REWARD_GROUP, RunKeys
 
 
@@ -72,11 +78,13 @@ class RewardWorker:
         dc = cfg.distributed
         self.keys = RunKeys.from_config(dc)
         self.streams = StreamClient.from_config(dc.redis, redis_url)
+        self.accounting = Accounting(self.streams, self.keys.accounting)
+        self._own_history = True  # a restarted incarnation first takes what the dead one left pending
         for stream in self.keys.traj_streams:
             self.streams.ensure_group(stream, REWARD_GROUP)
         self.scorer = scorer if scorer is not None else VaeRewardScorer(cfg, self.device, cache_dir)
         self.counters = {"read": 0, "scored": 0, "dead_lettered": 0, "non_finite": 0, "reclaimed": 0,
-                         "seconds_scoring": 0.0, "seconds_paused": 0.0}
+                         "settled_elsewhere": 0, "seconds_scoring": 0.0, "seconds_paused": 0.0}
         self.metrics = start_role_metrics(dc.metrics, "reward", self.index, self.streams.conn, self.keys)
 
     def ready(self) -> str:
@@ -89,8 +97,8 @@ class RewardWorker:
     def take(self, block_ms: Optional[int] = None) -> list[tuple[str, str, bytes]]:
         """Entries to process: reclaimed ones from dead consumers first, else new ones."""
         dc = self.cfg.distributed
-        out = []
-        for stream in self.keys.traj_streams:
+        out = self._take_own_history(dc.reward_batch) if self._own_history else []
+        for stream in ([] if out else self.keys.traj_streams):
             got = self.streams.reclaim(stream, REWARD_GROUP, self.name, dc.reclaim_idle_ms, count=dc.reward_batch)
             out += [(stream, i, p) for i, p in got]
         self.counters["reclaimed"] += len(out)
@@ -100,6 +108,24 @@ class RewardWorker:
         self.counters["read"] += len(out)
         return out
 
+    def _take_own_history(self, count: int) -> list[tuple[str, str, bytes]]:
+        """Entries pending on this consumer name (a dead incarnation's), oldest first; an entry
+        pending but no longer in the stream is acked away."""
+        conn = self.streams.conn
+        out = []
+        for stream in self.keys.traj_streams:
+            reply = conn.call(conn.client.xreadgroup, REWARD_GROUP, self.name, {stream: "0"}, count=count)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                    if fields:
+                        out.append((stream, eid, fields.get(b"d", b"")))
+                    else:
+                        self.streams.ack(stream, REWARD_GROUP, eid, delete=False)
+        if not out:
+            self._own_history = False
+        return out
+
     def _decode(self, entries) -> list[tuple[str, str, bytes, TrajectoryRecord]]:
         good = []
         for stream, entry_id, payload in entries:
@@ -107,7 +133,7 @@ class RewardWorker:
                 good.append((stream, entry_id, payload, TrajectoryRecord.from_msg(
                     payload, self.cfg.distributed.redis.max_record_bytes)))
             except RecordError as exc:
-                self.streams.dead_letter(stream, REWARD_GROUP, entry_id, payload, exc.reason)
+                self.accounting.dead_letter(stream, REWARD_GROUP, entry_id, payload, exc.reason)
                 self.counters["dead_lettered"] += 1
         return good
 
@@ -148,19 +174,26 @@ class RewardWorker:
                 reward_name=self.cfg.reward.name, **extra))
         return out
 
-    def _write(self, scored: ScoredRecord) -> bool:
+    def _write_and_ack(self, src: str, entry_id: str, scored: ScoredRecord) -> Optional[bool]:
+        """Write `scored` and ack its trajectory entry in one step, waiting while the scored
+        stream is full: True when written, None when the entry was settled elsewhere, False if
+        stopped while waiting (the entry stays pending)."""
         dc = self.cfg.distributed
         msg = scored.to_msg(max_bytes=dc.redis.max_record_bytes)
         stream = self.keys.scored_stream_for(scored.traj_id)
         t0 = None
-        while not self.streams.add(stream, msg, max_depth=dc.redis.max_stream_depth):
+        while True:
+            got = self.accounting.write_and_ack(src, REWARD_GROUP, entry_id, stream, msg,
+                                                max_depth=dc.redis.max_stream_depth)
+            if got is not False:
+                break
             t0 = t0 or time.perf_counter()
             if self.stop_requested():
                 return False
             time.sleep(dc.poll_s)
         if t0:
             self.counters["seconds_paused"] += time.perf_counter() - t0
-        return True
+        return None if got is None else True
 
     def process(self, entries: list[tuple[str, str, bytes]]) -> int:
         """Validate, score, write and ack `entries`; returns the scored records written. An entry
@@ -175,13 +208,16 @@ class RewardWorker:
         written = 0
         for (stream, entry_id, payload, _), result in zip(good, results):
             if isinstance(result, str):
-                self.streams.dead_letter(stream, REWARD_GROUP, entry_id, payload, result)
+                self.accounting.dead_letter(stream, REWARD_GROUP, entry_id, payload, result)
                 self.counters["non_finite"] += 1
                 self.counters["dead_lettered"] += 1
                 continue
-            if not self._write(result):
+            done = self._write_and_ack(stream, entry_id, result)  # the ack only with the downstream write
+            if done is False:
                 break
-            self.streams.ack(stream, REWARD_GROUP, entry_id)  # only after the downstream write
+            if done is None:
+                self.counters["settled_elsewhere"] += 1
+                continue
             written += 1
         self.counters["scored"] += written
         return written

@@ -7,7 +7,9 @@ the shard from the trajectory id (`shard_for`), a consumer reads them all.
 - `traj_streams` / `scored_streams`: the two queues (consumer groups `reward` and `learner`);
 - `lora_prefix`: the LoRA registry (`lora:{v}`, `lora:latest`, `lora:versions`);
 - `stop_key`: set by the driver when the run is over; every loop polls it between batches;
-- `metrics_stream`: one msgpack map per learner update, tailed by the driver (plain XREAD).
+- `metrics_stream`: one msgpack map per learner update, tailed by the driver (plain XREAD);
+- `accounting`: a hash of the run's record counters (accounting.py: produced, scored, trained, ...);
+- `actor_name(run_id, role, i)`: the Ray actor names ("{run_id}:sampler:0"), for operators and tests.
 """
 from __future__ import annotations
 
@@ -57,3 +59,12 @@ class RunKeys:
     @property
     def metrics_stream(self) -> str:
         return self.key("stream:metrics")
+
+    @property
+    def accounting(self) -> str:
+        return self.key("accounting")
+
+
+def actor_name(run_id: str, role: str, index: int = 0) -> str:
+    """The Ray name of a run's actor: "{run_id}:{role}:{index}" (ray.get_actor finds it)."""
+    return f"{run_id}:{role}:{int(index)}"
