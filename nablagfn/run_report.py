@@ -199,18 +199,21 @@ def sample_report(run_dir: Path, cfg: TrainConfig, models=None) -> tuple[dict, d
     return files, evaluation
 
 
-def write_run_report(run_dir: str | Path, cfg: TrainConfig, models=None) -> dict:
+def write_run_report(run_dir: str | Path, cfg: TrainConfig, models=None, rows: Optional[list[dict]] = None,
+                     sample: bool = True) -> dict:
     """Write the report (module docstring) into `run_dir`; returns what report.json holds.
-    `models`: a RunModels of this run's config to sample with (None: loaded here)."""
+    `models`: a RunModels of this run's config to sample with (None: loaded here); `rows`: the
+    per-update metrics (None: metrics.jsonl); sample=False: curves and numbers only (a run that was
+    asked to stop)."""
     run_dir = Path(run_dir)
-    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    rows = _read_jsonl(run_dir / "metrics.jsonl") if rows is None else rows
     files: dict[str, Optional[Path]] = {"curves": None}
     from nablagfn.common.metrics.curves import write_curves
 
     files["curves"] = write_curves(run_dir, rows, eval_rows=_read_jsonl(run_dir / "eval.jsonl") or None)
     report: dict = {"run_dir": str(run_dir), "method": str(getattr(cfg, "method", "")),
                     "training": training_numbers(rows), "evaluation": None}
-    if cfg.report.end_of_run:
+    if cfg.report.end_of_run and sample:
         try:
             with _threads(cfg.threads):
                 more, report["evaluation"] = sample_report(run_dir, cfg, models)

@@ -32,8 +32,10 @@ def run(tiny_dir, tmp_path_factory):
 
 def test_distributed_run_writes_its_outputs(run, tiny_dir):
     for name in ("config.yaml", "run_id", "metrics.jsonl", "trained.jsonl", "summary.json",
-                 "lora/pytorch_lora_weights.safetensors", "flow_net.safetensors", "checkpoint/state.json"):
+                 "lora/pytorch_lora_weights.safetensors", "flow_net.safetensors", "checkpoint/state.json",
+                 "curves.png", "reward_vs_diversity.png", "samples_pretrained.png", "samples_final.png", "report.json"):
         assert (run / name).is_file(), name
+    assert "error" not in json.loads((run / "report.json").read_text())  # the report's samples were drawn
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in metrics] == list(range(1, UPDATES + 1))
     assert [m["version"] for m in metrics] == list(range(1, UPDATES + 1))  # publish_every = 1
