@@ -61,7 +61,10 @@ class PixelFeatures(torch.nn.Module):
         return (x * 2 - 1).flatten(1)
 
 
-register_features("pixels")(lambda model_path=None, device="cpu": PixelFeatures())
+@register_features("pixels")
+def pixel_features(model_path=None, device="cpu") -> PixelFeatures:
+    """The `pixels` factory; `nablagfn eval --features nablagfn.run_report:pixel_features` uses it too."""
+    return PixelFeatures()
 
 
 def report_features(cfg: TrainConfig, device) -> tuple[object, list[str]]:
