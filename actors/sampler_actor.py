@@ -25,6 +25,7 @@ seed·1000 + index (+ a second stream), so samplers draw different trajectories.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Optional, Protocol
@@ -35,13 +36,15 @@ import torch
 from nablagfn.common.config import DistributedConfig, TrainConfig
 from nablagfn.common.config_io import validate
 from nablagfn.common.metrics import index_from_name, start_role_metrics
-from nablagfn.common.transport import LoraRegistry, StreamClient, TrajectoryRecord
+from nablagfn.common.transport import LoraRegistry, RecordError, StreamClient, TrajectoryRecord
 from nablagfn.common.transport.accounting import Accounting
 from nablagfn.common.transport.keys import RunKeys
 
 from .trajectory_records import record_steps, trajectory_records
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
 
 
 def actor_device(device: str) -> torch.device:
@@ -90,7 +93,8 @@ class SamplerLoop:
         self.version: Optional[int] = None
         self.counters = {"rounds": 0, "records": 0, "bytes": 0, "lora_loads": 0,
                          "seconds_sampling": 0.0, "seconds_paused": 0.0, "seconds_waiting_policy": 0.0,
-                         "seconds_publish": 0.0}
+                         "seconds_publish": 0.0, "lora_rejected": 0}
+        self.rejected_versions: set[int] = set()  # published versions that failed verification
         self.versions_loaded: list[tuple[int, float]] = []  # (version, wall time it was loaded)
         self.metrics = start_role_metrics(dcfg.metrics, "sampler", index_from_name(name), self.streams.conn, self.keys)
 
@@ -102,8 +106,20 @@ class SamplerLoop:
         return bool(self.streams.conn.call(self.streams.conn.client.exists, self.keys.stop_key))
 
     def refresh_policy(self) -> bool:
-        """Load the newest published version if it is newer than ours; True if one was loaded."""
-        got = self.registry.fetch_if_newer(self.version, self.expected)
+        """Load the newest published version if it is newer than ours; True if one was loaded.
+        A version that fails verification (corrupt blob, wrong keys or shapes, NaN) is refused,
+        counted (`lora_rejected`) and remembered, and the current weights stay: sampling goes on."""
+        latest = self.registry.latest_version()
+        if latest is not None and latest in self.rejected_versions:
+            return False
+        try:
+            got = self.registry.fetch_if_newer(self.version, self.expected)
+        except RecordError as exc:
+            self.rejected_versions.add(latest)
+            self.counters["lora_rejected"] += 1
+            log.warning("%s: LoRA version %s refused, keeping version %s: %s", self.name, latest, self.version,
+                        exc.reason)
+            return False
         if got is None:
             return False
         version, state = got

@@ -230,6 +230,21 @@ class MetricsConfig:
     def validate(self) -> None:
         lo, hi = self.port_range
         require(0 < lo <= hi < 65536, "port_range", f"invalid range {self.port_range}")
+        require(_is_address(self.bind_address), "bind_address",
+                f"{self.bind_address!r} is neither an IP address nor a host name")
+
+
+def _is_address(text: str) -> bool:
+    """An IPv4/IPv6 literal or a syntactically valid host name (RFC 1123 labels)."""
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+        return bool(re.fullmatch(rf"{label}(\.{label})*", text)) and len(text) <= 253
 
 
 @dataclass

@@ -59,6 +59,12 @@ def latent_shape_of(denoiser, resolution: int = 0, vae_scale_factor: int = 8) ->
     return (int(cfg.in_channels), int(size), int(size))
 
 
+def pipeline_latent_shape(pipe, denoiser, resolution: int = 0) -> tuple[int, int, int]:
+    """`latent_shape_of` with the pipeline's own VAE scale factor (2^(levels−1) when it has none)."""
+    vae_scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return latent_shape_of(denoiser, resolution, vae_scale)
+
+
 @torch.no_grad()
 def sample_trajectories(denoiser, schedule: SamplingSchedule, cond_emb: torch.Tensor,
                         uncond_emb: Optional[torch.Tensor], guidance_scale: float, sampler_kind: str,

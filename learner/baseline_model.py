@@ -46,7 +46,7 @@ class BaselineLearnerModel:
         from nablagfn.rewards_service.rewards import build_reward
 
         from .baselines_step import build_baseline_learner
-        from .learner_actor import learner_device
+        from .learner_actor import learner_device, model_shapes
         from .local_trainer import reward_vae
         from .nabla_db_step import PolicyModels
 
@@ -64,6 +64,7 @@ class BaselineLearnerModel:
                                    sc.guidance_scale, self.device)
         self.learner = build_baseline_learner(cfg, self.models, reward_vae(self.pipe),
                                               build_reward(cfg.reward, self.device))
+        self.shapes = model_shapes(self.pipe, self.denoiser, cfg)
 
     @property
     def optimizer_steps(self) -> int:
@@ -76,7 +77,7 @@ class BaselineLearnerModel:
     def check(self, rec: ScoredRecord, run_id: str) -> None:
         from .record_batch import check_record
 
-        check_record(rec, self.cfg, self.schedule.timesteps, run_id)
+        check_record(rec, self.cfg, self.schedule.timesteps, run_id, self.shapes)
 
     def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
         """One baseline update on the records' trajectories (`learn` of learner/baselines_step.py)."""

@@ -82,6 +82,15 @@ def optimizer_fingerprint(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {"params": len(state_dict.get("state", {})), "steps": sorted(set(steps)), "sums": sums}
 
 
+def model_shapes(pipe, denoiser, cfg: TrainConfig) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """(latent (C, H, W), text embedding (L, D)) of the learner's model: a record of another size is
+    dead-lettered (`check_record`), never batched."""
+    from nablagfn.common.trajectories import pipeline_latent_shape
+
+    emb = denoiser.encode_prompts([""])
+    return pipeline_latent_shape(pipe, denoiser, cfg.model.resolution), tuple(emb.shape[-2:])
+
+
 class LearnerModel(Protocol):
     """What `StreamLearner` needs from the thing it trains."""
 
@@ -334,6 +343,7 @@ class DiffusionLearnerModel:
         self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.denoiser.encode_prompts([""]),
                                    sc.guidance_scale, self.device)
         self.learner = NablaDBLearner(cfg, self.models)
+        self.shapes = model_shapes(self.pipe, self.denoiser, cfg)
 
     @property
     def optimizer_steps(self) -> int:
@@ -346,7 +356,7 @@ class DiffusionLearnerModel:
     def check(self, rec: ScoredRecord, run_id: str) -> None:
         from .record_batch import check_record
 
-        check_record(rec, self.cfg, self.schedule.timesteps, run_id)
+        check_record(rec, self.cfg, self.schedule.timesteps, run_id, self.shapes)
 
     def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
         from .record_batch import update_data

@@ -18,7 +18,7 @@ field, so the learner can dead-letter the record and go on.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,14 +27,18 @@ from nablagfn.common.policy import NABLA_DB, FlowQueries, baseline_path, needed_
 from nablagfn.common.subsample import num_kept
 from nablagfn.common.trajectories import Trajectories
 from nablagfn.common.transport import RecordError, ScoredRecord
-from nablagfn.common.transport.records import carried_eps, carried_states
+from nablagfn.common.transport.records import carried_eps, carried_states, check_model_shapes
 
 from .nabla_db_step import ScoredQueries, UpdateData
 
 
-def check_record(rec: ScoredRecord, cfg: TrainConfig, timesteps: torch.Tensor, run_id: str) -> None:
-    """Raise RecordError unless `rec` (already schema-valid) fits this learner's run and objective."""
+def check_record(rec: ScoredRecord, cfg: TrainConfig, timesteps: torch.Tensor, run_id: str,
+                 shapes: Optional[tuple[tuple[int, ...], tuple[int, int]]] = None) -> None:
+    """Raise RecordError unless `rec` (already schema-valid) fits this learner's run and objective
+    (and, given `shapes` = (latent, text embedding), its model: `check_model_shapes`)."""
     m, t = rec.meta, rec.tensors
+    if shapes is not None:
+        check_model_shapes(rec, *shapes)
     N, sc = cfg.sampler.num_steps, cfg.sampler
     if m["run_id"] != run_id:
         raise RecordError(f"meta.run_id: {m['run_id']!r}, expected {run_id!r}")

@@ -33,6 +33,7 @@ from nablagfn.common.metrics import start_role_metrics
 from nablagfn.common.transport import RecordError, ScoredRecord, StreamClient, TrajectoryRecord
 from nablagfn.common.transport.accounting import Accounting
 from nablagfn.common.transport.keys import REWARD_GROUP, RunKeys
+from nablagfn.common.transport.records import check_model_shapes
 
 
 def worker_device(device: str) -> torch.device:
@@ -47,11 +48,14 @@ class VaeRewardScorer:
     reward (`log_reward_and_grad`, reward.chunk_size rows per pass)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, cache_dir: Optional[str] = None):
-        from nablagfn.common.models import load_pipeline
+        from nablagfn.common.models import Denoiser, load_pipeline
+        from nablagfn.common.trajectories import pipeline_latent_shape
         from nablagfn.rewards_service.rewards import build_reward
 
         pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=device)
         self.vae = pipe.vae.float()  # rewards in float32 (ALGORITHM.md §2); the rest is dropped
+        # the latents this VAE decodes: a record of another size is dead-lettered, not batched
+        self.latent_shape = pipeline_latent_shape(pipe, Denoiser.from_pipeline(pipe), cfg.model.resolution)
         del pipe
         self.reward = build_reward(cfg.reward, device)
         self.chunk = cfg.reward.chunk_size
@@ -130,8 +134,11 @@ class RewardWorker:
         good = []
         for stream, entry_id, payload in entries:
             try:
-                good.append((stream, entry_id, payload, TrajectoryRecord.from_msg(
-                    payload, self.cfg.distributed.redis.max_record_bytes)))
+                rec = TrajectoryRecord.from_msg(payload, self.cfg.distributed.redis.max_record_bytes)
+                shape = getattr(self.scorer, "latent_shape", None)  # a custom scorer may not say
+                if shape is not None:
+                    check_model_shapes(rec, shape)
+                good.append((stream, entry_id, payload, rec))
             except RecordError as exc:
                 self.accounting.dead_letter(stream, REWARD_GROUP, entry_id, payload, exc.reason)
                 self.counters["dead_lettered"] += 1

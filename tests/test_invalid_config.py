@@ -20,6 +20,7 @@ CASES = [
     ("distributed.redis.max_record_bytes=10", "distributed.redis.max_record_bytes: must be >= 1024"),
     ("distributed.redis.max_stream_depth=0", "distributed.redis.max_stream_depth: must be >= 1"),
     ("distributed.metrics.port_range=[9500,9400]", "distributed.metrics.port_range: invalid range"),
+    ("distributed.metrics.bind_address=not an address", "distributed.metrics.bind_address: 'not an address' is neither"),
     ("distributed.sampler.resources={GPU: 1}", "distributed.sampler.resources: custom resource names"),
     ("distributed.learner.num_gpus=-1", "distributed.learner.num_gpus: must be >= 0"),
     ("distributed.num_samplerz=2", "unknown config key(s) in section 'distributed': ['num_samplerz']"),

@@ -79,12 +79,17 @@ def test_sampler_follows_published_versions_and_writes_valid_records(tiny_dir, t
         e_pre = sampler.policy.denoiser.eps(x, torch.tensor([500]), cond, sampler.policy.uncond, 5.0, adapter=False)
     assert (e_pol - e_pre).abs().max() > 1e-4
 
-    # a blob of the wrong shapes is refused and the current policy stays
+    # a blob of the wrong shapes is refused, counted and not fetched again; the current policy stays
+    # and sampling goes on; the next good version is loaded
     bad = {k: torch.zeros(2, 2) for k in lora0}
     registry.publish(bad)
     with pytest.raises(RecordError, match="shape"):
-        sampler.refresh_policy()
-    assert sampler.version == 1
+        registry.fetch(2, sampler.expected)
+    assert not sampler.refresh_policy() and not sampler.refresh_policy()
+    assert sampler.version == 1 and sampler.counters["lora_rejected"] == 1 and sampler.rejected_versions == {2}
+    assert sampler.step() == 2 and sampler.version == 1
+    registry.publish(lora0)
+    assert sampler.refresh_policy() and sampler.version == 3
     sampler.close()
     client.close()
 

@@ -15,6 +15,7 @@ from nablagfn.common.transport import RecordError, ScoredRecord, TrajectoryRecor
 from nablagfn.learner.baseline_model import BaselineLearnerModel, full_eps_table
 from nablagfn.learner.local_trainer import LocalTrainer
 from nablagfn.learner.nabla_db_step import plan_flow_queries
+from nablagfn.learner.record_batch import check_record
 from nablagfn.rewards_service.worker import RewardWorker
 
 RUN = "run-test"
@@ -102,4 +103,4 @@ def test_a_draft_record_without_the_last_k_steps_is_refused(tiny_dir, tmp_path, 
     scored = worker.score([TrajectoryRecord.from_msg(rec.to_msg())])[0]
     worker.close()
     with pytest.raises(RecordError, match="eps_path.*draft"):
-        BaselineLearnerModel.check(type("M", (), {"cfg": cfg, "schedule": tr.schedule})(), scored, RUN)
+        check_record(scored, cfg, tr.schedule.timesteps, RUN)  # the gate BaselineLearnerModel.check applies
