@@ -305,6 +305,23 @@ def _bench_distributed(args) -> int:
     return 0
 
 
+def _bench_soak(args) -> int:
+    """bench soak: the distributed run with a sampler and a reward worker killed every --kill-every s."""
+    from nablagfn.bench.soak import run_soak
+    from nablagfn.driver import DriverError
+
+    if args.preset is None and args.config is None:
+        args.preset = DEFAULT_BENCH_PRESET
+    try:
+        cfg = _train_config(args)
+        result = run_soak(cfg, args.minutes, args.kill_every, seed=args.seed or 0, run_dir=args.run_dir)
+    except _load_errors() + (DriverError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0 if result["unaccounted"] == 0 and result["trained_twice"] == 0 else 1
+
+
 def _bench_metrics(args) -> int:
     from nablagfn.bench.metrics_overhead import measure, step_times_from_run
 
@@ -377,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     step.set_defaults(func=_bench_step, updates=None, no_progress=True)
 
     _add_distributed_benches(bench_sub)
+
+    soak = bench_sub.add_parser("soak", help="the distributed run for --minutes, killing a random sampler and reward "
+                                             "worker every --kill-every s; JSON accounting (unaccounted must be 0)")
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--kill-every", dest="kill_every", type=float, default=60.0, help="seconds between kills")
+    soak.add_argument("--preset", help=f"a preset name or YAML path (default {DEFAULT_BENCH_PRESET})")
+    soak.add_argument("--config", help="YAML file with TrainConfig fields (over the preset)")
+    soak.add_argument("--reward", help="reward name (reward.name)")
+    soak.add_argument("--seed", type=int, help="seed of the run and of the choice of actors to kill")
+    soak.add_argument("--run-dir", dest="run_dir", help="keep the run here (default: a temporary dir)")
+    soak.set_defaults(func=_bench_soak, updates=None, no_progress=True)
 
     mb = bench_sub.add_parser("metrics", help="Prometheus hook time per sampler round / learner update vs step time")
     mb.add_argument("--run-dir", dest="run_dir", help="a finished distributed run: step times from its metrics")

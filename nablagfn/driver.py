@@ -223,8 +223,10 @@ def _summary_table(summary: dict) -> str:
 
 
 def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
-                      ray_address: Optional[str] = None, print_table: bool = True) -> dict:
-    """Run `cfg` as a distributed service (see the module docstring); returns the summary."""
+                      ray_address: Optional[str] = None, print_table: bool = True,
+                      stop: Optional[threading.Event] = None) -> dict:
+    """Run `cfg` as a distributed service (see the module docstring); returns the summary. Setting
+    `stop` (or SIGTERM to the main thread) stops the run cleanly before `updates` (summary: stopped)."""
     import ray
     import yaml
     from tqdm import tqdm
@@ -259,7 +261,7 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
     targets = None
     started_ray = False
     actors: list = []
-    sigterm = SigtermStop()
+    sigterm = SigtermStop(stop)
     files = RunFiles(run_dir, fresh=not resumed)
     t_start = time.perf_counter()
     try:
@@ -347,17 +349,17 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
         dead = {s: len(streams.dead_letters(s, count=10_000)) for s in keys.traj_streams + keys.scored_streams}
         summary = _summary(cfg, run_id, files.rows, learner_stats, sup.results("sampler"), sup.results("reward"),
                            dead, outputs, time.perf_counter() - t_start, redis, ray_address, resumed)
-        summary.update(stopped=sigterm.requested, accounting=acct, restarts=sup.restarts_by_role(),
+        summary.update(stopped=stopping, accounting=acct, restarts=sup.restarts_by_role(),
                        restarts_by_actor={m.name: m.restarts for m in sup.members if m.restarts},
                        restart_seconds={m.name: m.restart_seconds for m in sup.members if m.restart_seconds},
                        metrics_truncations=files.truncations)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         from nablagfn.run_report import write_run_report  # curves.png, reward vs diversity, sample grids
 
-        rep = write_run_report(run_dir, cfg, rows=files.rows, sample=not sigterm.requested)
+        rep = write_run_report(run_dir, cfg, rows=files.rows, sample=not stopping)
         summary["run_report"] = {k: rep[k] for k in ("files", "error") if k in rep}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if cfg.report.kind == "digits" and not sigterm.requested:  # the digits demo's evaluation
+        if cfg.report.kind == "digits" and not stopping:  # the digits demo's evaluation
             from nablagfn.learner.digits_report import report_from_run_dir
 
             summary["report"] = report_from_run_dir(run_dir, cfg)
@@ -390,12 +392,22 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
 class SigtermStop:
     """SIGTERM (a preemptible node going away) turns into a clean stop: the driver sets the stop key,
     the learner writes its final checkpoint, and the run dir can be resumed (`train --resume`).
-    Only in the main thread (Python delivers signals there); elsewhere it is a no-op."""
+    The handler is installed only in the main thread (Python delivers signals there); `event`, a
+    caller's threading.Event, requests the same stop from anywhere (the soak benchmark)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, event: Optional[threading.Event] = None):
+        self._requested = False
+        self.event = event
         self._previous = None
         self._installed = False
+
+    @property
+    def requested(self) -> bool:
+        return self._requested or (self.event is not None and self.event.is_set())
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        self._requested = bool(value)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -284,3 +284,19 @@ def test_resume_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "r" / "checkpoint" / "state.json").write_text("{}")
     assert main(["train", "--resume", str(tmp_path / "r"), "lora.rank=8"]) == 2
     assert "lora.rank=8 cannot change on a resumed run" in capsys.readouterr().err
+
+
+def test_soak_bench_accounts_for_every_record(tiny_dir, tmp_path):
+    """`nablagfn bench soak` for ~40 s with a sampler and a reward worker killed every 15 s."""
+    proc = subprocess.run([sys.executable, "-m", "nablagfn", "bench", "soak", "--minutes", "0.67",
+                           "--kill-every", "15", "--run-dir", str(tmp_path / "soak"),
+                           f"model.pretrained={tiny_dir}", *SMALL],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["unaccounted"] == 0 and result["trained_twice"] == 0, result
+    assert result["kills"] >= 2 and result["updates"] >= 1 and result["trained"] > 0
+    assert result["restarts"]["sampler"] + result["restarts"]["reward"] >= 1
+    assert result["produced"] == (result["trained"] + result["dropped_stale"] + result["dead_lettered"]
+                                  + result["duplicates"] + result["in_streams"])
