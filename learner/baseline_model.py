@@ -14,7 +14,6 @@ sampling policy's), which is what makes its off-policy step correct.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -23,6 +22,7 @@ from nablagfn.common.config import TrainConfig
 from nablagfn.common.transport import ScoredRecord
 
 from .checkpoint import Checkpoint
+from .policy_model import PipelinePolicyModel
 
 
 def full_eps_table(eps: torch.Tensor, keep: torch.Tensor, keep_idx: Optional[torch.Tensor],
@@ -37,47 +37,21 @@ def full_eps_table(eps: torch.Tensor, keep: torch.Tensor, keep_idx: Optional[tor
     return full
 
 
-class BaselineLearnerModel:
+class BaselineLearnerModel(PipelinePolicyModel):
     """Pipeline + LoRA, the VAE and reward, and the baseline learner of `cfg.method`."""
 
     def __init__(self, cfg: TrainConfig, cache_dir: Optional[str] = None):
-        from nablagfn.common.models import Denoiser, add_lora, load_pipeline
-        from nablagfn.common.schedule import make_schedule
         from nablagfn.rewards_service.rewards import build_reward
 
         from .baselines_step import build_baseline_learner
-        from .learner_actor import learner_device, model_shapes
         from .local_trainer import reward_vae
         from .nabla_db_step import PolicyModels
 
-        self.cfg = cfg
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.device = learner_device(cfg.device)
-        torch.manual_seed(cfg.seed)  # LoRA initialisation, as in the one-process trainer
-        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
-        add_lora(self.pipe.unet, cfg.lora)
-        self.denoiser = Denoiser.from_pipeline(self.pipe)
-        sc = cfg.sampler
-        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
+        super().__init__(cfg, cache_dir)
         self.models = PolicyModels(self.denoiser, None, self.schedule, self.denoiser.encode_prompts([""]),
-                                   sc.guidance_scale, self.device)
+                                   cfg.sampler.guidance_scale, self.device)
         self.learner = build_baseline_learner(cfg, self.models, reward_vae(self.pipe),
                                               build_reward(cfg.reward, self.device))
-        self.shapes = model_shapes(self.pipe, self.denoiser, cfg)
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.learner.steps
-
-    @optimizer_steps.setter
-    def optimizer_steps(self, value: int) -> None:
-        self.learner.steps = int(value)
-
-    def check(self, rec: ScoredRecord, run_id: str) -> None:
-        from .record_batch import check_record
-
-        check_record(rec, self.cfg, self.schedule.timesteps, run_id, self.shapes)
 
     def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
         """One baseline update on the records' trajectories (`learn` of learner/baselines_step.py)."""
@@ -89,11 +63,6 @@ class BaselineLearnerModel:
         log_r = torch.tensor([r.log_reward for r in records], dtype=torch.float32, device=self.device)
         return self.learner.learn(tr.states, eps, data.keep, data.cond, data.prompts, log_r)
 
-    def policy_state(self) -> dict[str, torch.Tensor]:
-        from nablagfn.common.models import lora_state_dict
-
-        return lora_state_dict(self.pipe.unet)
-
     def _head(self) -> Optional[torch.nn.Module]:
         return getattr(self.learner, "log_flow", None)  # residual DB's scalar log-flow head f_ψ
 
@@ -103,24 +72,7 @@ class BaselineLearnerModel:
                           flow_bar={}, optimizer=self.learner.opt.state_dict())
 
     def restore(self, ckpt: Checkpoint) -> None:
-        from nablagfn.common.models import load_lora_state_dict
-
-        load_lora_state_dict(self.pipe.unet, {k: v.to(self.device) for k, v in ckpt.lora.items()})
+        self.restore_policy(ckpt.lora, ckpt.optimizer)
         head = self._head()
         if head is not None:
             head.load_state_dict(ckpt.flow)
-        self.learner.opt.load_state_dict(ckpt.optimizer)
-
-    def finalize(self, run_dir: Path) -> dict[str, str]:
-        """The final LoRA (`lora/`, diffusers format) and, for residual DB, f_ψ (`flow_net.safetensors`),
-        as the one-process trainer writes them."""
-        from safetensors.torch import save_file
-
-        from nablagfn.common.models import save_lora_diffusers
-
-        out = {"lora": str(save_lora_diffusers(self.pipe, run_dir / "lora"))}
-        flow = self.learner.flow_state_dict()
-        if flow:
-            save_file(flow, str(run_dir / "flow_net.safetensors"))
-            out["flow_net"] = str(run_dir / "flow_net.safetensors")
-        return out

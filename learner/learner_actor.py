@@ -57,16 +57,10 @@ from nablagfn.common.transport.accounting import Accounting
 from nablagfn.common.transport.keys import LEARNER_GROUP, RunKeys
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .policy_model import PipelinePolicyModel
 
 METRICS_MAXLEN = 100_000
 CONSUMER = "learner"
-
-
-def learner_device(device: str) -> torch.device:
-    """cfg.device inside the learner: auto = the GPU Ray assigned it (if any), else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def optimizer_fingerprint(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -80,15 +74,6 @@ def optimizer_fingerprint(state_dict: dict[str, Any]) -> dict[str, Any]:
             elif isinstance(v, torch.Tensor):
                 sums[k] = sums.get(k, 0.0) + float(v.detach().double().sum())
     return {"params": len(state_dict.get("state", {})), "steps": sorted(set(steps)), "sums": sums}
-
-
-def model_shapes(pipe, denoiser, cfg: TrainConfig) -> tuple[tuple[int, ...], tuple[int, int]]:
-    """(latent (C, H, W), text embedding (L, D)) of the learner's model: a record of another size is
-    dead-lettered (`check_record`), never batched."""
-    from nablagfn.common.trajectories import pipeline_latent_shape
-
-    emb = denoiser.encode_prompts([""])
-    return pipeline_latent_shape(pipe, denoiser, cfg.model.resolution), tuple(emb.shape[-2:])
 
 
 class LearnerModel(Protocol):
@@ -318,55 +303,26 @@ class StreamLearner:
         self.streams.close()
 
 
-class DiffusionLearnerModel:
+class DiffusionLearnerModel(PipelinePolicyModel):
     """The diffusion policy (pipeline + LoRA), g_φ and `NablaDBLearner`, as a `LearnerModel`."""
 
     def __init__(self, cfg: TrainConfig, cache_dir: Optional[str] = None):
-        from nablagfn.common.models import Denoiser, FlowNet, add_lora, load_pipeline
-        from nablagfn.common.schedule import make_schedule
+        from nablagfn.common.models import FlowNet
 
         from .nabla_db_step import NablaDBLearner, PolicyModels
 
-        self.cfg = cfg
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.device = learner_device(cfg.device)
-        torch.manual_seed(cfg.seed)  # LoRA and g_φ initialisation, as in the one-process trainer
-        self.pipe = load_pipeline(cfg.model, cache_dir=cache_dir, device=self.device)
-        add_lora(self.pipe.unet, cfg.lora)
-        self.denoiser = Denoiser.from_pipeline(self.pipe)
+        super().__init__(cfg, cache_dir)
         flow_net = None
         if not cfg.objective.no_flow:
             flow_net = FlowNet.from_pipeline(cfg.flow_net, self.pipe).to(self.device)
-        sc = cfg.sampler
-        self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
         self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.denoiser.encode_prompts([""]),
-                                   sc.guidance_scale, self.device)
+                                   cfg.sampler.guidance_scale, self.device)
         self.learner = NablaDBLearner(cfg, self.models)
-        self.shapes = model_shapes(self.pipe, self.denoiser, cfg)
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.learner.steps
-
-    @optimizer_steps.setter
-    def optimizer_steps(self, value: int) -> None:
-        self.learner.steps = int(value)
-
-    def check(self, rec: ScoredRecord, run_id: str) -> None:
-        from .record_batch import check_record
-
-        check_record(rec, self.cfg, self.schedule.timesteps, run_id, self.shapes)
 
     def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
         from .record_batch import update_data
 
         return self.learner.learn(update_data(records, self.device))
-
-    def policy_state(self) -> dict[str, torch.Tensor]:
-        from nablagfn.common.models import lora_state_dict
-
-        return lora_state_dict(self.pipe.unet)
 
     def checkpoint(self) -> Checkpoint:
         m = self.models
@@ -376,27 +332,10 @@ class DiffusionLearnerModel:
                           optimizer=self.learner.opt.state_dict())
 
     def restore(self, ckpt: Checkpoint) -> None:
-        from nablagfn.common.models import load_lora_state_dict
-
-        load_lora_state_dict(self.pipe.unet, {k: v.to(self.device) for k, v in ckpt.lora.items()})
+        self.restore_policy(ckpt.lora, ckpt.optimizer)
         if self.models.flow_net is not None:
             self.models.flow_net.load_state_dict(ckpt.flow)
             self.models.flow_bar.load_state_dict(ckpt.flow_bar)
-        self.learner.opt.load_state_dict(ckpt.optimizer)
-
-    def finalize(self, run_dir: Path) -> dict[str, str]:
-        """Write the final LoRA (diffusers format, `lora/`) and g_φ (`flow_net.safetensors`), as the
-        one-process trainer does; returns their paths."""
-        from safetensors.torch import save_file
-
-        from nablagfn.common.models import save_lora_diffusers
-
-        out = {"lora": str(save_lora_diffusers(self.pipe, run_dir / "lora"))}
-        flow = self.learner.flow_state_dict()
-        if flow:
-            save_file(flow, str(run_dir / "flow_net.safetensors"))
-            out["flow_net"] = str(run_dir / "flow_net.safetensors")
-        return out
 
 
 def build_learner_model(cfg: TrainConfig, cache_dir: Optional[str] = None) -> LearnerModel:
