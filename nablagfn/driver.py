@@ -10,24 +10,36 @@ The driver is the only thing that starts processes. It
    records the learner can still admit under max_policy_lag);
 3. creates the learner (which publishes LoRA version 0, or the next one on a resumed run), the
    reward workers and the sampler actors, each placed by its role's resources (num_cpus,
-   num_gpus, custom resources such as `sampler`/`reward`/`learner`), and starts their loops;
+   num_gpus, custom resources such as `sampler`/`reward`/`learner`), named "{run_id}:{role}:{i}"
+   and restartable by Ray (distributed.max_actor_restarts), and starts their loops;
 4. tails the learner's metrics stream: writes `metrics.jsonl` (one line per update) and
-   `trained.jsonl` (per trained trajectory: id, sampled version, trained version), drives the
-   progress bar, and fails the run if an actor dies or the learner stalls;
-5. when the learner has made `updates` updates, sets the stop key, collects every actor's stats,
-   has the learner write `lora/` (diffusers format) and `flow_net.safetensors`, and writes
-   `summary.json`. Actors, Ray (if it started it) and the embedded Redis are always shut down.
+   `trained.jsonl` (per trained trajectory: id, sampled version, trained version) exactly once
+   across learner restarts (run_files.py), drives the progress bar, resubmits the loop of an actor
+   Ray restarted and fails the run only when an actor's restarts run out (supervisor.py) or the
+   learner stalls; SIGTERM (or `stop`) sets the stop key early: a clean, resumable stop;
+5. when the learner has made `updates` updates (or stopped), sets the stop key, collects every
+   actor's stats, has the learner write `lora/` (diffusers format) and `flow_net.safetensors`, and
+   writes `summary.json` with `restarts` per role and the `accounting` block (produced = trained +
+   dropped_stale + dead_lettered + duplicates + in_streams; `unaccounted` is the difference, 0 when
+   exact: common/transport/accounting.py). Actors, Ray (if it started it) and the embedded Redis
+   are always shut down.
+
+Faults: a dead sampler / reward worker / learner is restarted by Ray (the learner from its
+checkpoint); Redis going away for a few seconds (a restart of the embedded server on the same
+folder, AOF on) is ridden out by every client's retries (distributed.redis.retries/backoff: about
+11 s by default); `nablagfn train --resume RUN_DIR` continues a stopped run on the same run dir.
 
 Every actor serves Prometheus metrics (common/metrics, distributed.metrics); the driver keeps
 `<run_dir>/prometheus_targets.json` (file-service discovery) equal to the live endpoints.
 
-Run dir: config.yaml, run_id, metrics.jsonl, trained.jsonl, summary.json, lora/,
+Run dir: config.yaml, run_id, metrics.jsonl, trained.jsonl, metrics.cursor, summary.json, lora/,
 flow_net.safetensors, checkpoint/ (the learner's; a rerun on the same run dir resumes from it),
 redis/ (the embedded server's data, with its AOF).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import signal
 import socket
@@ -118,8 +130,8 @@ def connect_redis(cfg: TrainConfig, run_dir: Path, url: Optional[str] = None) ->
     if url is None:
         server = start_embedded_redis(run_dir / "redis")
         return RedisHandle(server.url, server)
-    try:
-        RedisConnection.from_config(rc, url).close()
+    try:  # a start-time check fails fast; the run's clients keep the full retry window
+        RedisConnection.from_config(dataclasses.replace(rc, retries=min(rc.retries, 2)), url).close()
     except (TransportError, ValueError) as exc:
         raise DriverError(f"cannot reach Redis at {redacted_url(url)}: {exc}") from None
     return RedisHandle(url)
