@@ -143,6 +143,19 @@ def test_killed_sampler_is_restarted_and_run_continues(tiny_dir, tmp_path):
 
 
 @pytest.mark.usefixtures("ray_runtime")
+def test_exhausted_restarts_fail_the_run_naming_the_actor(tiny_dir, tmp_path):
+    from nablagfn.driver import DriverError
+
+    run = BackgroundRun(_cfg(tiny_dir, tmp_path / "run", 50, "distributed.max_actor_restarts=0"), "faults-exhausted")
+    run.wait_updates(1)
+    run.kill("sampler", 1)
+    run.thread.join(RUN_TIMEOUT_S)
+    assert isinstance(run.error, DriverError), run.error
+    assert "actor faults-exhausted:sampler:1 died" in str(run.error)
+    assert "max_actor_restarts" in str(run.error)
+
+
+@pytest.mark.usefixtures("ray_runtime")
 def test_killed_reward_worker_records_reclaimed_trained_exactly_once(tiny_dir, tmp_path):
     cfg = _cfg(tiny_dir, tmp_path / "run", 4)
     server = start_embedded_redis(tmp_path / "redis")
