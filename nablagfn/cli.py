@@ -89,7 +89,12 @@ def _resume_config(args):
         cli["updates"] = args.updates
     if args.no_progress:
         cli["progress"] = False
-    return build_config(TrainConfig, load_yaml(run_dir / "config.yaml"), cli, overrides=args.overrides)
+    cfg = build_config(TrainConfig, load_yaml(run_dir / "config.yaml"), cli, overrides=args.overrides)
+    url = cfg.distributed.redis.url
+    if url and ":***@" in url and not args.redis_url:  # config.yaml is written without the password
+        raise ConfigError(f"--resume: the run used Redis at {url}; its password is not stored in config.yaml: "
+                          "give the full URL again with --redis-url (or distributed.redis.url=...)")
+    return cfg
 
 
 def _train_distributed(args) -> int:

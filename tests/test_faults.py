@@ -297,6 +297,12 @@ def test_resume_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "r" / "checkpoint" / "state.json").write_text("{}")
     assert main(["train", "--resume", str(tmp_path / "r"), "lora.rank=8"]) == 2
     assert "lora.rank=8 cannot change on a resumed run" in capsys.readouterr().err
+    # the password of the run's Redis is not in config.yaml (written redacted): it must be given again
+    (tmp_path / "r" / "config.yaml").write_text("updates: 2\ndistributed:\n  redis:\n"
+                                                "    url: redis://user:***@localhost:6399/0\n")
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "password is not stored in config.yaml" in err and "--redis-url" in err
 
 
 def test_soak_bench_accounts_for_every_record(tiny_dir, tmp_path):
