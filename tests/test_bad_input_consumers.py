@@ -191,18 +191,24 @@ def _check_dead_letters(client, stream, start, bad):
 
 
 # -- the consumers keep going ----------------------------------------------------------------------
+def _enqueue(consumer, client, stream, bad, good):
+    """The bad entries, then one valid record, onto `stream`; the consumer's dead-letter count, its
+    scraped metric and the stream's dead letters before them."""
+    before = (consumer.counters["dead_lettered"], scrape_total(consumer.metrics.url, "nablagfn_dead_lettered_total"),
+              len(client.dead_letters(stream, count=100_000)))
+    for payload, _ in bad:
+        assert client.add(stream, payload, max_depth=1000)
+    assert client.add(stream, good.to_msg(), max_depth=1000)
+    return before
+
+
 @EXAMPLES
 @given(data=st.data())
 def test_reward_worker_dead_letters_bad_entries_and_keeps_going(stack, data):
     bad = data.draw(st.lists(bad_entry(stack.traj), min_size=1, max_size=3))
     w, client = stack.worker, stack.client
-    counted = w.counters["dead_lettered"]
-    scraped = scrape_total(w.metrics.url, "nablagfn_dead_lettered_total")
-    start = len(client.dead_letters(stack.traj_stream, count=100_000))
-    for payload, _ in bad:
-        assert client.add(stack.traj_stream, payload, max_depth=1000)
     good = stack.fresh_traj()
-    assert client.add(stack.traj_stream, good.to_msg(), max_depth=1000)
+    counted, scraped, start = _enqueue(w, client, stack.traj_stream, bad, good)
     written = 0
     for _ in range(4):
         written += w.step(block_ms=10)
@@ -222,13 +228,8 @@ def test_reward_worker_dead_letters_bad_entries_and_keeps_going(stack, data):
 def test_learner_dead_letters_bad_entries_and_keeps_going(stack, data):
     lrn, client = stack.learner, stack.client
     bad = data.draw(st.lists(bad_entry(stack.fresh_scored(), lrn.version), min_size=1, max_size=3))
-    counted = lrn.counters["dead_lettered"]
-    scraped = scrape_total(lrn.metrics.url, "nablagfn_dead_lettered_total")
-    start = len(client.dead_letters(stack.scored_stream, count=100_000))
-    for payload, _ in bad:
-        assert client.add(stack.scored_stream, payload, max_depth=1000)
     good = stack.fresh_scored()
-    assert client.add(stack.scored_stream, good.to_msg(), max_depth=1000)
+    counted, scraped, start = _enqueue(lrn, client, stack.scored_stream, bad, good)
     m = lrn.update()
     assert m["traj_ids"] == [good.traj_id]  # trained on the valid record only
     assert client.depth(stack.scored_stream) == 0  # every entry acked or dead-lettered
