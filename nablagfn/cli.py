@@ -149,25 +149,32 @@ def _train(args) -> int:
     return 0
 
 
+def _json_result(compute, errors: tuple, ok=lambda result: True) -> int:
+    """Run a benchmark: an expected error is printed as `error: ...` (exit 2); the result is printed
+    as JSON (exit 0, or 1 when `ok(result)` is False)."""
+    try:
+        result = compute()
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0 if ok(result) else 1
+
+
 def _bench_step(args) -> int:
     from nablagfn.bench.step import bench_step
 
     import tempfile
 
-    errors = _load_errors()
-    try:
+    def compute():
         cfg = _train_config(args)
-        if args.run_dir is None:  # a benchmark writes nothing worth keeping
-            with tempfile.TemporaryDirectory(prefix="nablagfn-bench-step-") as tmp:
-                cfg.run_dir = tmp
-                result = bench_step(cfg, warmup=args.warmup)
-        else:
-            result = bench_step(cfg, warmup=args.warmup)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
+        if args.run_dir is not None:
+            return bench_step(cfg, warmup=args.warmup)
+        with tempfile.TemporaryDirectory(prefix="nablagfn-bench-step-") as tmp:  # nothing worth keeping
+            cfg.run_dir = tmp
+            return bench_step(cfg, warmup=args.warmup)
+
+    return _json_result(compute, _load_errors())
 
 
 def _bench_gmm(args) -> int:
@@ -278,13 +285,8 @@ def _bench_gmm_distributed(spec, cfg, args) -> int:
 def _bench_transport(args) -> int:
     from nablagfn.common.transport import RecordError, TransportError, bench_transport
 
-    try:
-        result = bench_transport(args.n, url=args.url, batch=args.batch)
-    except (RecordError, TransportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
+    return _json_result(lambda: bench_transport(args.n, url=args.url, batch=args.batch),
+                        (RecordError, TransportError, ValueError))
 
 
 def _bench_distributed(args) -> int:
@@ -294,37 +296,31 @@ def _bench_distributed(args) -> int:
 
     if args.preset is None and args.config is None:
         args.preset = DEFAULT_BENCH_PRESET
-    errors = _load_errors() + (TransportError,)
-    try:
+
+    def compute():
         cfg = _train_config(args)
         if args.bench == "sampler":
-            result = bd.bench_sampler(cfg, rounds=args.rounds, warmup=args.warmup, url=args.url)
-        elif args.bench == "learner":
-            result = bd.bench_learner(cfg, updates=args.rounds, warmup=args.warmup, url=args.url)
-        else:
-            result = bd.bench_lora_sync(cfg, publishes=args.rounds, interval_s=args.interval, url=args.url)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
+            return bd.bench_sampler(cfg, rounds=args.rounds, warmup=args.warmup, url=args.url)
+        if args.bench == "learner":
+            return bd.bench_learner(cfg, updates=args.rounds, warmup=args.warmup, url=args.url)
+        return bd.bench_lora_sync(cfg, publishes=args.rounds, interval_s=args.interval, url=args.url)
+
+    return _json_result(compute, _load_errors() + (TransportError,))
 
 
 def _bench_soak(args) -> int:
-    """bench soak: the distributed run with a sampler and a reward worker killed every --kill-every s."""
+    """bench soak: the distributed run with a sampler and a reward worker killed every --kill-every s;
+    exit 1 when a record is unaccounted for or trained twice."""
     from nablagfn.bench.soak import run_soak
     from nablagfn.driver import DriverError
 
     if args.preset is None and args.config is None:
         args.preset = DEFAULT_BENCH_PRESET
-    try:
-        cfg = _train_config(args)
-        result = run_soak(cfg, args.minutes, args.kill_every, seed=args.seed or 0, run_dir=args.run_dir)
-    except _load_errors() + (DriverError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0 if result["unaccounted"] == 0 and result["trained_twice"] == 0 else 1
+    return _json_result(
+        lambda: run_soak(_train_config(args), args.minutes, args.kill_every, seed=args.seed or 0,
+                         run_dir=args.run_dir),
+        _load_errors() + (DriverError, ValueError),
+        ok=lambda r: r["unaccounted"] == 0 and r["trained_twice"] == 0)
 
 
 def _bench_metrics(args) -> int:
