@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nablagfn.common.dotted import load_dotted
+
 
 class FeatureError(ValueError):
     """A feature extractor is unknown, cannot be built (names what is missing), or misbehaves."""
@@ -143,30 +145,16 @@ register_features("clip")(ClipImageFeatures.from_dir)
 register_features("dreamsim")(DreamSimFeatures.from_dir)
 
 
-def _load_dotted(path: str):
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise FeatureError(f"features: unknown name {path!r}; known: {known_features()} "
-                           "(or a dotted path package.module:callable)")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise FeatureError(f"features: cannot import module {module_name!r} of {path!r}: {exc}") from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise FeatureError(f"features: module {module_name!r} has no attribute {attr!r}") from None
-    return obj
-
-
 def resolve_features(name: str) -> tuple[str, Callable[..., Any]]:
     """(resolved name, factory) for `name` ("auto" picks dreamsim when importable, else clip)."""
     if name == "auto":
         name = "dreamsim" if dreamsim_available() else "clip"
     if name in _REGISTRY:
         return name, _REGISTRY[name]
-    return name, _load_dotted(name)
+    if ":" not in name:
+        raise FeatureError(f"features: unknown name {name!r}; known: {known_features()} "
+                           "(or a dotted path package.module:callable)")
+    return name, load_dotted(name, FeatureError, "features")
 
 
 def build_feature_extractor(name: str = "auto", model_path: str | Path | None = None,

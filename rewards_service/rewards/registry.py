@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from nablagfn.common.dotted import load_dotted
+
 from .base import RewardError, RewardModel
 
 ENTRY_POINT_GROUP = "nablagfn.rewards"
@@ -49,24 +51,6 @@ def known_rewards() -> list[str]:
     return sorted(set(_REGISTRY) | set(_entry_points()))
 
 
-def _load_dotted(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise RewardError("dotted reward path must look like package.module:callable, "
-                          f"got {path!r}")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RewardError(f"cannot import module {module_name!r} of reward {path!r}: "
-                          f"{exc}") from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise RewardError(f"module {module_name!r} has no attribute {attr!r}") from None
-    return obj
-
-
 def resolve_reward(name: str) -> Any:
     """The factory (or class) a reward name refers to; an unknown name lists the known ones."""
     _load_builtins()
@@ -80,7 +64,7 @@ def resolve_reward(name: str) -> Any:
             raise RewardError(f"entry point {name!r} ({eps[name].value}) failed to load: "
                               f"{exc}") from exc
     if ":" in name:
-        return _load_dotted(name)
+        return load_dotted(name, RewardError, "reward")
     raise RewardError(f"unknown reward {name!r}; known: {known_rewards()} "
                       f"(or a dotted path package.module:callable)")
 
