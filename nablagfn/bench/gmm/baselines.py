@@ -22,7 +22,7 @@ from nablagfn.common.prediction import x0_from_eps
 from nablagfn.common.subsample import subsample_steps
 from nablagfn.learner.objectives.ddpo import per_prompt_advantages, ppo_clip_loss, transition_log_prob
 from nablagfn.learner.objectives.draft import draft_loss, renoise, rollout_last_steps
-from nablagfn.learner.objectives.refl import draw_stop_steps, refl_loss, refl_x0
+from nablagfn.learner.objectives.refl import draw_stop_steps, refl_x0
 from nablagfn.learner.objectives.residual_db import log_flow_value, next_log_flow, residual_db_loss
 
 from . import exact
@@ -102,6 +102,13 @@ class _PolicyTrainer:
             x = st.mean + st.std * torch.randn(x.shape, generator=self.gen, dtype=p.dtype)
         return x
 
+    def reward_step(self, x: torch.Tensor, log_key: str = "log_reward") -> dict:
+        """One optimizer step on −β · mean log R(x) (DRaFT's loss, and ReFL's at x = x̂₀); the logs."""
+        log_r = self.log_reward(x)
+        loss = draft_loss(log_r, self.beta)
+        self.step(loss, [self.residual])
+        return {"loss": float(loss.detach()), log_key: float(log_r.detach().mean())}
+
 
 class DraftTrainer(_PolicyTrainer):
     """DRaFT-K: no-grad sampling to state N−K, the last K steps with θ's graph, −β log R(x_N)."""
@@ -111,11 +118,8 @@ class DraftTrainer(_PolicyTrainer):
         K = min(self.cfg.draft.k, N)
         x = self.sample_prefix(B, N - K)
         z = torch.randn((B, K, p.spec.dim), generator=self.gen, dtype=p.dtype)
-        xN = rollout_last_steps(x, N - K, z, self.policy_eps, p.alpha_bar, p.sampler.kind, p.sampler.eta)
-        log_r = self.log_reward(xN)
-        loss = draft_loss(log_r, self.beta)
-        self.step(loss, [self.residual])
-        return {"loss": float(loss.detach()), "log_reward": float(log_r.detach().mean())}
+        return self.reward_step(rollout_last_steps(x, N - K, z, self.policy_eps, p.alpha_bar, p.sampler.kind,
+                                                   p.sampler.eta))
 
 
 class DraftLVTrainer(_PolicyTrainer):
@@ -128,11 +132,8 @@ class DraftLVTrainer(_PolicyTrainer):
         eps = torch.randn(xN.shape, generator=self.gen, dtype=p.dtype)
         x_prev = renoise(xN, p.alpha_bar[N - 1], p.alpha_bar[N], eps)
         z = torch.randn((B * n, 1, p.spec.dim), generator=self.gen, dtype=p.dtype)
-        x_new = rollout_last_steps(x_prev, N - 1, z, self.policy_eps, p.alpha_bar, p.sampler.kind, p.sampler.eta)
-        log_r = self.log_reward(x_new)
-        loss = draft_loss(log_r, self.beta)
-        self.step(loss, [self.residual])
-        return {"loss": float(loss.detach()), "log_reward": float(log_r.detach().mean())}
+        return self.reward_step(rollout_last_steps(x_prev, N - 1, z, self.policy_eps, p.alpha_bar, p.sampler.kind,
+                                                   p.sampler.eta))
 
 
 class ReflTrainer(_PolicyTrainer):
@@ -143,11 +144,7 @@ class ReflTrainer(_PolicyTrainer):
         stop = draw_stop_steps(B, N, self.cfg.refl.min_step_fraction, self.gen)
         states, _ = p.sample(self.policy_eps, B, self.gen)  # no graph; the rows are read at their stop
         x = states[torch.arange(B), stop]
-        x0 = refl_x0(x, self.policy_eps(x, stop), p.alpha_bar[stop])
-        log_r = self.log_reward(x0)
-        loss = refl_loss(log_r, self.beta)
-        self.step(loss, [self.residual])
-        return {"loss": float(loss.detach()), "log_reward_x0": float(log_r.detach().mean())}
+        return self.reward_step(refl_x0(x, self.policy_eps(x, stop), p.alpha_bar[stop]), "log_reward_x0")
 
 
 class DDPOTrainer(_PolicyTrainer):
