@@ -19,7 +19,6 @@ from torch import nn
 from nablagfn.common.config import METHODS, DDPOConfig, DraftConfig, ReflConfig, ResidualDBConfig
 from nablagfn.common.config_io import require
 from nablagfn.common.prediction import x0_from_eps
-from nablagfn.common.subsample import subsample_steps
 from nablagfn.learner.objectives.ddpo import per_prompt_advantages, ppo_clip_loss, transition_log_prob
 from nablagfn.learner.objectives.draft import draft_loss, renoise, rollout_last_steps
 from nablagfn.learner.objectives.refl import draw_stop_steps, refl_x0
@@ -27,7 +26,7 @@ from nablagfn.learner.objectives.residual_db import log_flow_value, next_log_flo
 
 from . import exact
 from .models import TimeMLP
-from .run import GMMBenchConfig, GMMProblem, flow_error_by_band
+from .run import GMMBenchConfig, GMMProblem, flow_error_by_band, kept_transitions
 
 ALL_METHODS = METHODS  # residual-nabla-db (run.Trainer) first, then the baselines
 BASELINES = tuple(m for m in METHODS if m != "residual-nabla-db")
@@ -155,11 +154,7 @@ class DDPOTrainer(_PolicyTrainer):
         states, eps_beh = p.sample(self.policy_eps, B, self.gen)
         log_r = self.log_reward(states[:, -1])
         adv = per_prompt_advantages(self.beta * log_r, [""] * B, cfg.ddpo.min_count)
-        sub = cfg.subsample
-        keep = subsample_steps(B, N, sub.timestep_fraction, sub.low_variance, sub.keep_last, self.gen)
-        K = keep.shape[1]
-        rows = torch.arange(B)[:, None].expand(B, K).reshape(-1)
-        idx = keep.reshape(-1)
+        _, rows, idx = kept_transitions(B, N, cfg.subsample, self.gen)
         x, x_next = states[rows, idx], states[rows, idx + 1]
         a_t, a_n = p.alpha_bar[idx], p.alpha_bar[idx + 1]
         old = transition_log_prob(x, x_next, eps_beh[rows, idx], a_t, a_n, p.sampler.kind, p.sampler.eta)
@@ -205,11 +200,7 @@ class ResidualDBTrainer(_PolicyTrainer):
     def update(self) -> dict:
         p, cfg, B, N = self.p, self.cfg, self.cfg.batch_trajectories, self.p.schedule.num_steps
         states, _ = p.sample(self.policy_eps, B, self.gen)
-        sub = cfg.subsample
-        keep = subsample_steps(B, N, sub.timestep_fraction, sub.low_variance, sub.keep_last, self.gen)
-        K = keep.shape[1]
-        rows = torch.arange(B)[:, None].expand(B, K).reshape(-1)
-        idx = keep.reshape(-1)
+        _, rows, idx = kept_transitions(B, N, cfg.subsample, self.gen)
         x, x_next = states[rows, idx], states[rows, idx + 1]
         a_t, a_n = p.alpha_bar[idx], p.alpha_bar[idx + 1]
         kind, eta = p.sampler.kind, p.sampler.eta

@@ -106,6 +106,15 @@ class GMMProblem:
         return torch.stack(states, 1), torch.stack(eps_all, 1)
 
 
+def kept_transitions(batch: int, num_steps: int, sub: SubsampleConfig, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keep (B, K) drawn by `subsample_steps`, and each kept transition's (trajectory, step) as
+    flat rows (B·K,), trajectory-major."""
+    keep = subsample_steps(batch, num_steps, sub.timestep_fraction, sub.low_variance, sub.keep_last, gen)
+    K = keep.shape[1]
+    return keep, torch.arange(batch)[:, None].expand(batch, K).reshape(-1), keep.reshape(-1)
+
+
 def exact_flow_shift(problem: GMMProblem):
     """The exact h-transform as a Gaussian mean shift σ² ∇log F̃_{t'}(μ#) (ALGORITHM.md §2a item 5)."""
     def shift(st, i):
@@ -252,11 +261,7 @@ class Trainer:
         states, eps_beh = p.sample(self.policy_eps, B, self.gen)
         xN = states[:, -1]
         terminal = ob.reward_scale * exact.grad_log_reward(p.spec, xN.double()).to(xN.dtype)
-        sub = cfg.subsample
-        keep = subsample_steps(B, N, sub.timestep_fraction, sub.low_variance, sub.keep_last, self.gen)
-        K = keep.shape[1]
-        rows = torch.arange(B)[:, None].expand(B, K).reshape(-1)
-        idx = keep.reshape(-1)
+        keep, rows, idx = kept_transitions(B, N, cfg.subsample, self.gen)
         x, x_next = states[rows, idx], states[rows, idx + 1]
         stein_target = None
         if ob.backward_estimator == "stein_lambda" and not ob.no_flow:
