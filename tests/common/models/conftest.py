@@ -53,3 +53,4 @@ def _perturb_lora(unet, seed=0, scale=0.3):
 def perturb_lora():
     """Sets random LoRA weights: lora_B starts at 0, which would make every adapter test vacuous."""
     return _perturb_lora
+

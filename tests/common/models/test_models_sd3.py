@@ -4,6 +4,7 @@ the flow-SDE sampler at η = 0 is the pipeline's own FlowMatchEuler sampling, th
 through StableDiffusion3Pipeline, and g_φ takes SD3's pooled conditioning."""
 import pytest
 import torch
+from lora_checks import assert_lora_round_trip  # tests/common/models/lora_checks.py
 
 from nablagfn.common.config import FlowNetConfig, LoRAConfig, ModelConfig
 from nablagfn.common.flow_matching import alpha_bar_from_sigma, eps_from_velocity, sigma_from_alpha_bar, to_native
@@ -121,24 +122,8 @@ def test_lora_round_trips_through_stable_diffusion_3_pipeline(pipe, cache_dir, t
     cfg = LoRAConfig(rank=4, alpha=8.0)
     add_lora(pipe.unet, cfg)
     _perturb(pipe.unet, seed=2)
-    d = Denoiser.from_pipeline(pipe)
-    cond, uncond = d.encode_prompts(PROMPTS), d.encode_prompts([""])
-    x = torch.randn((2,) + SHAPE, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([900.5, 120.25], dtype=torch.float64)
-    with torch.no_grad():
-        ref, pre = d.eps(x, t, cond, uncond, 4.0), d.eps(x, t, cond, uncond, 4.0, adapter=False)
-    assert (ref - pre).abs().max() > 1e-3
-    save_lora_diffusers(pipe, tmp_path / "lora")
-    fresh = StableDiffusion3Pipeline.from_pretrained(cache_dir / "tiny-sd3")
-    fresh.load_lora_weights(tmp_path / "lora")
-    with torch.no_grad():
-        got = Denoiser.from_pipeline(fresh).eps(x, t, cond, uncond, 4.0)
-    assert torch.equal(got, ref)  # bit-identical weights (alpha ≠ rank kept by the metadata)
-    other = load_pipeline(ModelConfig(pretrained="tiny", family="sd3"), cache_dir=cache_dir)
-    add_lora(other.unet, cfg)
-    load_lora_state_dict(other.unet, lora_state_dict(pipe.unet))
-    with torch.no_grad():
-        assert torch.equal(Denoiser.from_pipeline(other).eps(x, t, cond, uncond, 4.0), ref)
+    assert_lora_round_trip(pipe, StableDiffusion3Pipeline, cache_dir / "tiny-sd3", "sd3", cache_dir, cfg,
+                           torch.randn((2,) + SHAPE, generator=torch.Generator().manual_seed(1)), torch.tensor([900.5, 120.25], dtype=torch.float64), 4.0, PROMPTS, tmp_path)
 
 
 def test_flow_net_takes_sd3_conditioning(pipe):

@@ -4,6 +4,7 @@ ids) exactly as the pipeline does, the LoRA round-trips through StableDiffusionX
 takes the same conditioning."""
 import pytest
 import torch
+from lora_checks import assert_lora_round_trip  # tests/common/models/lora_checks.py
 
 from nablagfn.common.config import FlowNetConfig, LoRAConfig, ModelConfig
 from nablagfn.common.models import (Denoiser, FlowNet, add_lora, load_lora_state_dict, load_pipeline,
@@ -108,24 +109,8 @@ def test_lora_round_trips_through_stable_diffusion_xl_pipeline(pipe, cache_dir, 
     cfg = LoRAConfig(rank=4, alpha=8.0)
     add_lora(pipe.unet, cfg)
     perturb(pipe.unet, seed=3)
-    d = Denoiser.from_pipeline(pipe)
-    cond, uncond = d.encode_prompts(PROMPTS), d.encode_prompts([""])
-    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([900, 400, 1])
-    with torch.no_grad():
-        ref, pre = d.eps(x, t, cond, uncond, 5.0), d.eps(x, t, cond, uncond, 5.0, adapter=False)
-    assert (ref - pre).abs().max() > 1e-3
-    save_lora_diffusers(pipe, tmp_path / "lora")
-    fresh = StableDiffusionXLPipeline.from_pretrained(cache_dir / "tiny-sdxl")
-    fresh.load_lora_weights(tmp_path / "lora")
-    with torch.no_grad():
-        got = Denoiser.from_pipeline(fresh).eps(x, t, cond, uncond, 5.0)
-    assert torch.equal(got, ref)
-    other = load_pipeline(ModelConfig(pretrained="tiny", family="sdxl"), cache_dir=cache_dir)
-    add_lora(other.unet, cfg)
-    load_lora_state_dict(other.unet, lora_state_dict(pipe.unet))
-    with torch.no_grad():
-        assert torch.equal(Denoiser.from_pipeline(other).eps(x, t, cond, uncond, 5.0), ref)
+    assert_lora_round_trip(pipe, StableDiffusionXLPipeline, cache_dir / "tiny-sdxl", "sdxl", cache_dir, cfg,
+                           torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([900, 400, 1]), 5.0, PROMPTS, tmp_path)
 
 
 def test_flow_net_takes_sdxl_conditioning(pipe):
