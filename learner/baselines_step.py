@@ -38,7 +38,7 @@ from nablagfn.common.models.lora import lora_parameters
 from .nabla_db_step import PolicyModels
 from .objectives.ddpo import per_prompt_advantages, ppo_clip_loss, transition_log_prob
 from .objectives.draft import draft_loss, recover_noise, renoise, rollout_last_steps
-from .objectives.refl import draw_stop_steps, refl_loss, refl_x0
+from .objectives.refl import draw_stop_steps, refl_x0
 from .objectives.residual_db import log_flow_value, next_log_flow, residual_db_loss
 
 

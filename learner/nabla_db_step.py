@@ -30,8 +30,8 @@ import torch
 
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.models.lora import lora_parameters
-from nablagfn.common.policy import (EpsFn, FlowQueries, PolicyCallables, RowCond as _RowCond,  # noqa: F401
-                                    chunks as _chunks, needed_states, plan_flow_queries)
+from nablagfn.common.policy import (FlowQueries, PolicyCallables, RowCond as _RowCond,  # noqa: F401
+                                    chunks as _chunks, plan_flow_queries)  # plan_flow_queries: re-exported
 from nablagfn.common.samplers import get_transition
 from nablagfn.common.trajectories import Trajectories
 
@@ -175,7 +175,6 @@ class NablaDBLearner:
         """(B, N+1, …) guess table over trajectory states (zero where not queried; the terminal flow
         at state N), and the (B·K, …) flow at the forward points (or None)."""
         q, traj = data.queries, data.traj
-        B, N, K = traj.batch_size, traj.num_steps, data.keep.shape[1]
         table = torch.zeros_like(traj.states)
         st = q.row < 0
         table[q.traj[st], q.state[st]] = flows[st]

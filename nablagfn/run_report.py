@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from nablagfn.common.config import EvalConfig, TrainConfig
-from nablagfn.common.evaluation.features import FeatureError, build_feature_extractor, register_features
+from nablagfn.common.evaluation.features import build_feature_extractor, register_features
 
 REPORT_FILE = "report.json"
 PIXEL_SIZE = 32

@@ -32,7 +32,7 @@ from nablagfn.common.config_io import build_config
 from nablagfn.common.transport import (SCHEMA_VERSION, RecordError, ScoredRecord, StreamClient,
                                        TrajectoryRecord, encode, start_embedded_redis)
 from nablagfn.common.transport.keys import RunKeys
-from nablagfn.common.transport.records import SCORED_META, TRAJECTORY_META, check_model_shapes
+from nablagfn.common.transport.records import check_model_shapes
 from nablagfn.learner.learner_actor import LearnerActor
 from nablagfn.rewards_service.worker import RewardWorker
 

@@ -18,7 +18,6 @@ from torch import nn
 
 from nablagfn.common.config import METHODS, DDPOConfig, DraftConfig, ReflConfig, ResidualDBConfig
 from nablagfn.common.config_io import require
-from nablagfn.common.prediction import x0_from_eps
 from nablagfn.learner.objectives.ddpo import per_prompt_advantages, ppo_clip_loss, transition_log_prob
 from nablagfn.learner.objectives.draft import draft_loss, renoise, rollout_last_steps
 from nablagfn.learner.objectives.refl import draw_stop_steps, refl_x0

@@ -9,7 +9,6 @@ and the exact-flow sampler (the floor), and the learned flow's error per noise b
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 
 import torch

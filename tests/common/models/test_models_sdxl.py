@@ -7,8 +7,7 @@ import torch
 from lora_checks import assert_lora_round_trip  # tests/common/models/lora_checks.py
 
 from nablagfn.common.config import FlowNetConfig, LoRAConfig, ModelConfig
-from nablagfn.common.models import (Denoiser, FlowNet, add_lora, load_lora_state_dict, load_pipeline,
-                                    lora_state_dict, save_lora_diffusers)
+from nablagfn.common.models import Denoiser, FlowNet, add_lora, load_pipeline
 from nablagfn.common.models.text_conditioning import unpack_pooled
 from nablagfn.common.schedule import make_schedule
 from nablagfn.common.trajectories import sample_trajectories
