@@ -71,16 +71,20 @@ def find_checkpoints(run_dir: str | Path, cfg_updates: int) -> list[Checkpoint]:
     return [Checkpoint(0, None)] + [Checkpoint(u, found[u]) for u in sorted(found) if u != 0]
 
 
+DENOISER_PREFIXES = ("unet.", "transformer.")  # how diffusers names the denoiser in a LoRA file
+
+
 def read_lora_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """The UNet LoRA state dict of a diffusers LoRA folder, `unet.` prefix removed (the keys
-    `common.models.load_lora_state_dict` takes)."""
+    """The denoiser's LoRA state dict of a diffusers LoRA folder, its `unet.` / `transformer.` prefix
+    removed (the keys `common.models.load_lora_state_dict` takes)."""
     from safetensors.torch import load_file
 
     f = Path(path) / LORA_FILE
     if not f.is_file():
         raise CheckpointError(f"{path}: no {LORA_FILE} (not a diffusers LoRA folder)")
     sd = load_file(str(f))
-    unet = {k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")}
-    if not unet:
-        raise CheckpointError(f"{f}: no `unet.*` LoRA weights")
-    return unet
+    for prefix in DENOISER_PREFIXES:  # the UNet's (SD, SDXL), or SD3's transformer's
+        weights = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+        if weights:
+            return weights
+    raise CheckpointError(f"{f}: no denoiser LoRA weights (keys starting with {' or '.join(DENOISER_PREFIXES)})")

@@ -159,6 +159,8 @@ def test_trainer_lora_reloads_in_the_sd3_pipeline_to_its_final_samples(cache_dir
                  "batch_trajectories=3", "train_batch_trajectories=0", "eval_trajectories=3", "grid_size=3",
                  "flow_net.block_out_channels=[32]"]) == 0
     summary = json.loads((run / "summary.json").read_text())
+    report = json.loads((run / "report.json").read_text())  # the end-of-run report reads SD3's LoRA file too
+    assert "error" not in report and (run / "samples_final.png").is_file()
     end = load_file(str(run / "samples_end.safetensors"))["latents"]
     start = load_file(str(run / "samples_start.safetensors"))["latents"]
     assert (end - start).abs().max() > 1e-3
