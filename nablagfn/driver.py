@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import signal
 import socket
 import threading
@@ -175,7 +176,12 @@ def start_ray(cfg: TrainConfig, address: Optional[str]) -> bool:
             ray.init(num_cpus=need["num_cpus"], resources=need["resources"] or None,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise DriverError(f"cannot start or join Ray{f' at {address}' if address else ''}: {exc}") from None
+        hint = ""
+        if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ:
+            # Ray turns token authentication on by itself only for address=auto, never for an explicit one
+            hint = (" — if the cluster uses token authentication (Ray's default for `ray start`), set "
+                    "RAY_AUTH_MODE=token and provide its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+        raise DriverError(f"cannot start or join Ray{f' at {address}' if address else ''}: {exc}{hint}") from None
     return True
 
 
