@@ -245,10 +245,10 @@ class GMMLearnerModel:
     def train(self, records: list[ScoredRecord]) -> dict[str, Any]:
         """One step of the one-process `Trainer.update`, on the records' samples and rewards."""
         from nablagfn.learner.objectives.flow_param import flow_value
-        from nablagfn.learner.objectives.nabla_db import TransitionBatch, nabla_db_loss, stein_lambda_targets
+        from nablagfn.learner.objectives.nabla_db import TransitionBatch, stein_lambda_targets
         from nablagfn.learner.record_batch import update_data
 
-        p, ob, cfg, tr = self.problem, self.cfg.objective, self.cfg, self.trainer
+        p, ob, tr = self.problem, self.cfg.objective, self.trainer
         data = update_data(records)
         states, keep = data.traj.states, data.keep
         B, N, K = states.shape[0], p.schedule.num_steps, keep.shape[1]
@@ -277,21 +277,13 @@ class GMMLearnerModel:
             alpha_bar_next=p.alpha_bar[idx + 1], is_last=idx == N - 1,
             eps_behaviour=eps_beh, guess=table[rows, idx], guess_next=table[rows, idx + 1],
             terminal_flow=table[rows, N], stein_target=stein_target, **value)
-        terms = nabla_db_loss(batch, tr.nets(), ob, p.sampler.kind, p.sampler.eta)
-        tr.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(tr.residual.parameters(), cfg.optim.grad_clip)
-            torch.nn.utils.clip_grad_norm_(tr.flow.parameters(), cfg.optim.grad_clip)
-        tr.opt.step()
-        with torch.no_grad():
-            for pb, pf in zip(tr.flow_bar.parameters(), tr.flow.parameters()):
-                pb.lerp_(pf, ob.target_flow_tau)
-            if self.ema is not None:  # the weight average evaluation samples from (bench.py's policy_ema)
+        logs = tr.optimize(batch)
+        if self.ema is not None:  # the weight average evaluation samples from (bench.py's policy_ema)
+            with torch.no_grad():
                 for n, p_ in tr.residual.named_parameters():
                     self.ema[n].lerp_(p_.detach(), 1 - self.ema_decay)
         self.optimizer_steps += 1
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return logs
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.trainer.residual.state_dict().items()}

@@ -284,6 +284,12 @@ class Trainer:
             x=x, x_next=x_next, step_idx=idx, alpha_bar_t=p.alpha_bar[idx], alpha_bar_next=p.alpha_bar[idx + 1],
             is_last=idx == N - 1, eps_behaviour=eps_beh[rows, idx], guess=self.guess(x, idx),
             guess_next=self.guess(x_next, idx + 1), terminal_flow=terminal[rows], stein_target=stein_target, **fwd, **value)
+        return self.optimize(batch)
+
+    def optimize(self, batch: TransitionBatch) -> dict:
+        """One step on the ∇-DB loss of `batch`: AdamW with per-network gradient clipping, then the
+        Polyak update of ḡ; the loss terms. (The distributed testbed calls it with rebuilt batches.)"""
+        cfg, p, ob = self.cfg, self.p, self.cfg.objective
         terms = nabla_db_loss(batch, self.nets(), ob, p.sampler.kind, p.sampler.eta)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
