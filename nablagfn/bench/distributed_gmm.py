@@ -384,8 +384,8 @@ def run_gmm_distributed(spec: GMMSpec, cfg: GMMBenchConfig, out_dir: str | Path,
                 client.ensure_group(st, LEARNER_GROUP)
             if not ray.is_initialized():
                 need = local_resources(train_view(cfg, dcfg))
-                ray.init(num_cpus=need["num_cpus"], resources=need["resources"] or None, include_dashboard=False,
-                         log_to_driver=False, logging_level="WARNING")
+                ray.init(address="local", num_cpus=need["num_cpus"], resources=need["resources"] or None,
+                         include_dashboard=False, log_to_driver=False, logging_level="WARNING")
                 started = True
             learner = ray.remote(GMMLearnerActor).options(**role_options(dcfg.learner)).remote(
                 spec, cfg, dcfg, server.url, run_id, str(Path(tmp) / "learner"))

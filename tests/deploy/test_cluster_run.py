@@ -5,10 +5,12 @@ joins it (not a runtime of its own), every actor is placed by its role's resourc
 trains. GPUs and CPU counts are scaled down to this machine by overrides; nothing else of the file is."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,12 +31,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """`ray start --head --block` in its own process group (stopped with it, leaving other Ray
-    runtimes of the test session alone)."""
+    runtimes of the test session alone) and its own temp dir (short: Ray's socket paths live there),
+    so it records no cluster address in /tmp/ray for later `ray.init()` calls to find."""
     port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+        ["ray", "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}", "--num-cpus=2",
          f"--resources={json.dumps(NODE_RESOURCES)}", "--include-dashboard=false", "--disable-usage-stats"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"127.0.0.1:{port}"
@@ -53,9 +57,11 @@ def ray_head(tmp_path):
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_run_config_places_each_role_on_its_resource_of_an_external_cluster(ray_head, tiny_dir, tmp_path):
+    before = Path("/tmp/ray/ray_current_cluster").read_text() if Path("/tmp/ray/ray_current_cluster").exists() else None
     run = tmp_path / "run"
     scaled = ["distributed.num_samplers=2", "distributed.num_reward_workers=1",
               "distributed.sampler.num_gpus=0", "distributed.reward.num_gpus=0", "distributed.learner.num_gpus=0",
@@ -81,3 +87,6 @@ def test_run_config_places_each_role_on_its_resource_of_an_external_cluster(ray_
     used = yaml.safe_load((run / "config.yaml").read_text())["distributed"]
     assert {r: used[r]["resources"] for r in ("sampler", "reward", "learner")} == {
         "sampler": {"sampler": 1}, "reward": {"reward": 1}, "learner": {"learner": 1}}
+    # the head recorded its address in its own temp dir, not where a plain `ray.init()` looks
+    after = Path("/tmp/ray/ray_current_cluster").read_text() if Path("/tmp/ray/ray_current_cluster").exists() else None
+    assert after == before
