@@ -232,7 +232,7 @@ class DiffusionSamplerPolicy:
         from nablagfn.common.policy import PolicyCallables
         from nablagfn.common.prompts import build_prompt_source
         from nablagfn.common.schedule import make_schedule
-        from nablagfn.common.trajectories import latent_shape_of
+        from nablagfn.common.trajectories import pipeline_latent_shape
 
         self.cfg, self.index = cfg, int(index)
         if cfg.threads > 0:
@@ -243,8 +243,7 @@ class DiffusionSamplerPolicy:
         self.denoiser = Denoiser.from_pipeline(self.pipe)
         sc = cfg.sampler
         self.schedule = make_schedule(dict(self.pipe.scheduler.config), sc.num_steps, sc.kind)
-        vae_scale = getattr(self.pipe, "vae_scale_factor", None) or 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        self.latent_shape = latent_shape_of(self.denoiser, cfg.model.resolution, vae_scale)
+        self.latent_shape = pipeline_latent_shape(self.pipe, self.denoiser, cfg.model.resolution)
         self.uncond = self.denoiser.encode_prompts([""])
         self.models = PolicyCallables(self.denoiser, None, self.schedule, self.uncond, sc.guidance_scale, self.device)
         self.prompts = build_prompt_source(cfg.prompts)

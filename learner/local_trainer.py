@@ -39,7 +39,7 @@ from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import to_dict, validate
 from nablagfn.common.schedule import make_schedule
 from nablagfn.common.subsample import subsample_steps
-from nablagfn.common.trajectories import Trajectories, latent_shape_of, sample_trajectories
+from nablagfn.common.trajectories import Trajectories, pipeline_latent_shape, sample_trajectories
 
 from .nabla_db_step import (NablaDBLearner, PolicyModels, UpdateData, drop_invalid,
                             plan_flow_queries, score_flow_queries)
@@ -183,8 +183,7 @@ class LocalTrainer:
         self.vae = reward_vae(self.pipe)
         self.prompts = build_prompt_source(cfg.prompts)
         self.schedule = make_schedule(dict(self.pipe.scheduler.config), cfg.sampler.num_steps, cfg.sampler.kind)
-        vae_scale = getattr(self.pipe, "vae_scale_factor", None) or 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        self.latent_shape = latent_shape_of(self.denoiser, cfg.model.resolution, vae_scale)
+        self.latent_shape = pipeline_latent_shape(self.pipe, self.denoiser, cfg.model.resolution)
         self.uncond = self.denoiser.encode_prompts([""])
         self.models = PolicyModels(self.denoiser, flow_net, self.schedule, self.uncond,
                                    cfg.sampler.guidance_scale, self.device)

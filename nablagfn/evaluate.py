@@ -151,7 +151,7 @@ class RunModels:
     def load(cls, cfg: TrainConfig, device: torch.device) -> "RunModels":
         from nablagfn.common.models import Denoiser, add_lora, load_pipeline
         from nablagfn.common.schedule import make_schedule
-        from nablagfn.common.trajectories import latent_shape_of
+        from nablagfn.common.trajectories import pipeline_latent_shape
         from nablagfn.learner.local_trainer import model_cache_dir, reward_vae
         from nablagfn.rewards_service.rewards import build_reward
 
@@ -160,8 +160,7 @@ class RunModels:
         denoiser = Denoiser.from_pipeline(pipe)
         schedule = make_schedule(dict(pipe.scheduler.config), cfg.sampler.num_steps, cfg.sampler.kind)
         # the latent size exactly as the trainer computes it (learner/local_trainer.py)
-        vae_scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        return cls(cfg, device, pipe, denoiser, schedule, latent_shape_of(denoiser, cfg.model.resolution, vae_scale),
+        return cls(cfg, device, pipe, denoiser, schedule, pipeline_latent_shape(pipe, denoiser, cfg.model.resolution),
                    denoiser.encode_prompts([""]), build_reward(cfg.reward, device), reward_vae(pipe))
 
     @classmethod
