@@ -272,16 +272,13 @@ class DiffusionSamplerPolicy:
 
     def sample_records(self, n: int, meta: dict, actor: str) -> list[TrajectoryRecord]:
         from nablagfn.common.policy import plan_flow_queries
-        from nablagfn.common.subsample import subsample_steps
-        from nablagfn.common.trajectories import sample_trajectories
+        from nablagfn.common.trajectories import sample_training_batch
 
-        cfg, sc, s = self.cfg, self.cfg.sampler, self.cfg.subsample
+        cfg, sc = self.cfg, self.cfg.sampler
         ids, prompts = self.prompts.sample(n, rng=self.prompt_rng)
         cond = self.denoiser.encode_prompts(prompts)
-        traj = sample_trajectories(self.denoiser, self.schedule, cond, self.uncond, sc.guidance_scale, sc.kind,
-                                   sc.eta, self.sample_gen, latent_shape=self.latent_shape)
-        keep = subsample_steps(n, sc.num_steps, s.timestep_fraction, s.low_variance, s.keep_last,
-                               self.subsample_gen).to(self.device)
+        traj, keep = sample_training_batch(self.denoiser, self.schedule, cond, self.uncond, sc, cfg.subsample,
+                                           self.sample_gen, self.subsample_gen, self.latent_shape, self.device)
         queries, fwd_point = plan_flow_queries(self.models, traj, keep, cond, cfg)
         states_needed, eps_needed = record_steps(keep, sc.num_steps, cfg)
         return trajectory_records(traj, keep, cond, ids.tolist(), prompts, queries, fwd_point, states_needed,

@@ -114,3 +114,19 @@ def sample_trajectories(denoiser, schedule: SamplingSchedule, cond_emb: torch.Te
         rows = torch.arange(B, device=device)[:, None]
         eps_t, x0_t = eps_t[rows, keep_idx], x0_t[rows, keep_idx]
     return Trajectories(states=states_t, eps=eps_t, x0=x0_t, keep_idx=keep_idx)
+
+
+def sample_training_batch(denoiser, schedule: SamplingSchedule, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+                          sampler, subsample, sample_gen: Optional[torch.Generator],
+                          subsample_gen: Optional[torch.Generator], latent_shape, device
+                          ) -> tuple[Trajectories, torch.Tensor]:
+    """Policy trajectories for `cond` (ε at every step) and the kept steps of each (B, K): what the
+    one-process trainer and a sampler actor draw per batch — one function, so that the two draw the
+    same batch from the same generators. `sampler` / `subsample`: SamplerConfig / SubsampleConfig."""
+    from .subsample import subsample_steps
+
+    traj = sample_trajectories(denoiser, schedule, cond, uncond, sampler.guidance_scale, sampler.kind, sampler.eta,
+                               sample_gen, latent_shape=latent_shape)
+    keep = subsample_steps(cond.shape[0], sampler.num_steps, subsample.timestep_fraction, subsample.low_variance,
+                           subsample.keep_last, subsample_gen).to(device)
+    return traj, keep

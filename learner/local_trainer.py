@@ -1,7 +1,7 @@
 """`nablagfn train --mode local`: the whole fine-tuning recipe in one process (torchtune style).
 
-The loop only calls components — `sample_trajectories` (common/trajectories.py), `subsample_steps`,
-then `plan_flow_queries` / `score_flow_queries` / `drop_invalid` / `NablaDBLearner.learn`
+The loop only calls components — `sample_training_batch` (common/trajectories.py: trajectories and
+their `subsample_steps`), then `plan_flow_queries` / `score_flow_queries` / `drop_invalid` / `NablaDBLearner.learn`
 (learner/nabla_db_step.py) — and writes the run directory:
 
     config.yaml               the full resolved TrainConfig
@@ -38,8 +38,8 @@ import torch
 from nablagfn.common.config import TrainConfig
 from nablagfn.common.config_io import to_dict, validate
 from nablagfn.common.schedule import make_schedule
-from nablagfn.common.subsample import subsample_steps
-from nablagfn.common.trajectories import Trajectories, pipeline_latent_shape, sample_trajectories
+from nablagfn.common.trajectories import (Trajectories, pipeline_latent_shape, sample_trajectories,
+                                         sample_training_batch)
 
 from .nabla_db_step import (NablaDBLearner, PolicyModels, UpdateData, drop_invalid,
                             plan_flow_queries, score_flow_queries)
@@ -204,13 +204,11 @@ class LocalTrainer:
     # -- components the loop calls ---------------------------------------------------------------
     def sample(self, n: int) -> tuple[Trajectories, torch.Tensor, torch.Tensor, list[str]]:
         """n policy trajectories for freshly drawn prompts, and the kept steps of each."""
-        s, sc = self.cfg.subsample, self.cfg.sampler
         _, prompts = self.prompts.sample(n, rng=self.prompt_rng)
         cond = self.denoiser.encode_prompts(prompts)
-        traj = sample_trajectories(self.denoiser, self.schedule, cond, self.uncond, sc.guidance_scale, sc.kind,
-                                   sc.eta, self.sample_gen, latent_shape=self.latent_shape)
-        keep = subsample_steps(n, sc.num_steps, s.timestep_fraction, s.low_variance, s.keep_last,
-                               self.subsample_gen).to(self.device)
+        traj, keep = sample_training_batch(self.denoiser, self.schedule, cond, self.uncond, self.cfg.sampler,
+                                           self.cfg.subsample, self.sample_gen, self.subsample_gen,
+                                           self.latent_shape, self.device)
         return traj, keep, cond, prompts
 
     def update(self) -> dict:
